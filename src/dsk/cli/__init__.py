@@ -1,0 +1,1 @@
+"""The `dsk` command line: thin Typer commands over the library (see main.py for the table)."""

@@ -1,0 +1,90 @@
+"""Typed stage parameters: one pydantic schema per stage feeds `--help`, pipeline files and `--set`.
+
+Every stage declares ``class Params(StageParams)`` whose field descriptions become the
+command's ``--help``. Values arrive from (lowest to highest precedence) the schema's
+defaults, a pipeline file or ``--config`` file, ``--set key=value`` and explicit options.
+
+    $ dsk clean data/sample/tinyshakespeare.txt --set min_words=20
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dsk.errors import DskError
+
+
+class StageParams(BaseModel):
+    """Base for every stage's parameter schema: unknown keys are errors, values are typed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def parse_scalar(text: str) -> Any:
+    """Parse a command-line value as a YAML scalar/list (``3`` -> 3, ``[1,2]`` -> [1, 2]).
+
+    YAML's safe loader never executes anything; it only builds plain data.
+    """
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(pairs: list[str], *, where: str = "--set") -> dict[str, Any]:
+    """Turn ``["a=1", "b.c=x"]`` into ``{"a": 1, "b.c": "x"}`` (keys kept dotted)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise DskError(f"{where} expects key=value, got {pair!r}; for example --set lr=0.001")
+        out[key.strip()] = parse_scalar(value)
+    return out
+
+
+def allowed_keys(schema: type[StageParams]) -> list[str]:
+    return list(schema.model_fields)
+
+
+def describe_type(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return " or ".join(describe_type(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def build_params(
+    schema: type[StageParams],
+    values: Mapping[str, Any],
+    *,
+    where: str,
+) -> StageParams:
+    """Validate ``values`` against ``schema``; a problem is a one-line DskError naming the key."""
+    unknown = [k for k in values if k not in schema.model_fields]
+    if unknown:
+        raise DskError(
+            f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed_keys(schema))}"
+        )
+    try:
+        return schema(**dict(values))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err.get("loc", ())) or "?"
+        field = schema.model_fields.get(str(err.get("loc", ("",))[0]))
+        expected = describe_type(field.annotation) if field is not None else ""
+        got = err.get("input")
+        msg = err.get("msg", "invalid value")
+        hint = f" (expected {expected})" if expected else ""
+        raise DskError(f"{where}: {key}={got!r}: {msg}{hint}") from None
+
+
+def params_help(schema: type[StageParams]) -> dict[str, str]:
+    return {name: (f.description or "") for name, f in schema.model_fields.items()}
