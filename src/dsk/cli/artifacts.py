@@ -105,7 +105,8 @@ def _tree(node: dict[str, Any], tree: Tree) -> None:
 def _lineage_json(node: dict[str, Any]) -> dict[str, Any]:
     a = node["artifact"]
     return {"id": a.id, "stage": a.stage, "kind": a.kind, "inputs": [
-        _lineage_json(c) if "artifact" in c else c for c in node["inputs"]]}
+        _lineage_json(c) if "artifact" in c else c.get("raw") or {"type": "missing", **c["missing"]}
+        for c in node["inputs"]]}
 
 
 def lineage(
