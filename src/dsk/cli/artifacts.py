@@ -61,7 +61,7 @@ def ls(
         return
     table = Table(title=f"artifacts in {store.root}", title_justify="left")
     for col in ("id", "stage", "kind", "created", "inputs", "size", "key metric", "tags"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in ("id", "stage", "created"))
     for a in arts:
         inputs = ", ".join(
             i["id"] if i.get("type") == "artifact" else f"raw:{i.get('sha256', '')[:8]}"
