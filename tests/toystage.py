@@ -57,7 +57,7 @@ def run(*, source=None, params=None, seed=0, force=False, store=None, stage="toy
     store = store or Store.open()
     params = params or Params()
     inputs = resolve_inputs(store, stage, source)
-    return run_stage(stage=stage, params=params, inputs=inputs, build=_build, seed=seed, force=force, store=store)
+    return run_stage(stage=stage, params=params, inputs=inputs, build="toystage:_build", seed=seed, force=force, store=store)
 
 
 def as_module(stage: str):
