@@ -6,10 +6,13 @@ its input and params; ``sleep`` and ``fail`` let tests interrupt it mid-build.
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 from pydantic import Field
 
+from dsk import tracking
 from dsk.artifacts import Artifact
 from dsk.config import StageParams
 from dsk.errors import DskError
@@ -25,6 +28,21 @@ class Params(StageParams):
     note: str = Field("", description="Free text (changes the cache key).")
     sleep: float = Field(0.0, description="Seconds to sleep mid-build (for kill tests).")
     fail: bool = Field(False, description="Raise mid-build (for atomicity tests).")
+    x: float = Field(0.0, description="A knob for tuning tests: loss = (x - 0.3)^2.")
+
+
+def _maybe_hang() -> None:
+    """With TOY_HANG_DIR set, the second build call hangs (so a test can kill it there)."""
+    hang_dir = os.environ.get("TOY_HANG_DIR")
+    if not hang_dir:
+        return
+    calls = Path(hang_dir)
+    calls.mkdir(exist_ok=True)
+    n = len(list(calls.glob("call-*"))) + 1
+    (calls / f"call-{n}").write_text("")
+    if n == 2:
+        (calls / "hanging").write_text("")
+        time.sleep(120)
 
 
 def _read_input(ctx) -> str:
@@ -46,8 +64,12 @@ def _build(ctx) -> None:
         time.sleep(ctx.params.sleep)
     if ctx.params.fail:
         raise RuntimeError("injected failure")
+    _maybe_hang()
+    loss = (ctx.params.x - 0.3) ** 2
+    for step in range(3):  # intermediate metrics, as a trainer would report them
+        tracking.report(step, {"loss": loss + (2 - step) * 0.1})
     ctx.kind = "text"
-    ctx.metrics = {"chars": len(text) * ctx.params.n}
+    ctx.metrics = {"chars": len(text) * ctx.params.n, "loss": loss}
     ctx.key_metric = "chars"
 
 

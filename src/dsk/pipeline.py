@@ -32,7 +32,7 @@ from dsk.errors import DskError
 from dsk.registry import BY_NAME
 
 STEP_KEYS = {"stage", "name", "input", "from", "params", "seed"}
-FILE_KEYS = {"name", "description", "seed", "steps"}
+FILE_KEYS = {"name", "description", "seed", "steps", "tracking"}
 
 
 @dataclass
@@ -67,6 +67,8 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[dict[str
     unknown = set(doc) - FILE_KEYS
     if unknown:
         raise DskError(f"{where}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(FILE_KEYS))}")
+    if doc.get("tracking") not in (None, "none", "mlflow"):
+        raise DskError(f"{where}: tracking must be 'mlflow' or 'none', got {doc.get('tracking')!r}")
     seed = doc.get("seed", 0)
     if not isinstance(seed, int):
         raise DskError(f"{where}: seed must be an integer, got {seed!r}")
@@ -125,6 +127,10 @@ def run_pipeline(
     doc, steps = load_pipeline(path, overrides)
     if until is not None and not any(until in (s.name, s.stage) for s in steps):
         raise DskError(f"--until {until}: no such step; steps: {', '.join(s.name for s in steps)}")
+    if doc.get("tracking") == "mlflow":
+        from dsk import tracking
+
+        tracking.enable_mlflow()
     store = Store.open()
     outputs: dict[str, str] = {}
     rows: list[dict[str, Any]] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-from dsk import __version__, console
+from dsk import __version__, console, tracking
 from dsk.artifacts import (
     MANIFEST_SCHEMA,
     Artifact,
@@ -231,4 +231,6 @@ def run_stage(
         final = store.commit(tmp, stage, artifact_id, replace=force)
     art = store.resolve(str(final))
     store.set_latest(art)
+    if tracking.mlflow_enabled():
+        tracking.log_to_mlflow(art.manifest)
     return StageResult(art, cached=False, seconds=time.perf_counter() - started)

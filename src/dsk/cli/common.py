@@ -21,12 +21,12 @@ from typing import Any, Callable, Optional
 import typer
 import yaml
 
-from dsk import console
+from dsk import console, tracking
 from dsk.config import StageParams, build_params, parse_overrides
 from dsk.errors import DskError, NotImplementedStage
 from dsk.registry import spec
 
-COMMON = {"source", "from_", "seed", "force", "set_", "config", "quiet", "json_"}
+COMMON = {"source", "from_", "seed", "force", "set_", "config", "quiet", "json_", "mlflow"}
 
 
 def load_stage(stage: str) -> types.ModuleType:
@@ -148,9 +148,12 @@ def stage_command(stage: str, *, extra: Callable[[], list[inspect.Parameter]] | 
     add("config", Optional[Path], typer.Option(None, "--config", help="YAML file of param: value.", show_default=False))
     add("quiet", bool, typer.Option(False, "--quiet", "-q", help="Print only warnings and errors."))
     add("json_", bool, typer.Option(False, "--json", help="Print a machine-readable JSON summary on stdout."))
+    add("mlflow", bool, typer.Option(False, "--mlflow", help="Also log params, metrics and the artifact id to MLflow (./mlruns or $MLFLOW_TRACKING_URI)."))
 
     def command(**kwargs: Any) -> None:
         console.set_mode(quiet=kwargs["quiet"], json_output=kwargs["json_"])
+        if kwargs["mlflow"]:
+            tracking.enable_mlflow()
         module = load_stage(stage)
         explicit = {
             name: converters[name](kwargs[name])

@@ -16,6 +16,7 @@ from dsk import console
 def run(
     pipeline: Path = typer.Argument(..., help="Pipeline YAML file, e.g. pipelines/default.yaml."),
     set_: list[str] = typer.Option([], "--set", help="Override a step param: --set STEP.param=value (repeatable).", show_default=False),
+    overrides: Optional[Path] = typer.Option(None, "--overrides", help="YAML file {step: {param: value}}, e.g. written by `dsk tune`.", show_default=False),
     until: Optional[str] = typer.Option(None, "--until", help="Stop after this step (name or stage).", show_default=False),
     force: bool = typer.Option(False, "--force", help="Rerun every step even on a cache hit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only warnings, errors and the summary."),
@@ -25,6 +26,10 @@ def run(
     from dsk.pipeline import print_summary, run_pipeline
 
     console.set_mode(quiet=quiet, json_output=json_)
+    if overrides is not None:
+        from dsk.tune import load_override_file
+
+        set_ = [*load_override_file(overrides), *set_]
     report = run_pipeline(pipeline, overrides=set_, until=until, force=force)
     if json_:
         console.print_json(report)
