@@ -45,9 +45,9 @@ def test_first_run_writes_artifact_with_manifest(toy, raw, workspace):
         "count.txt", "log.txt", "manifest.json", "out.txt"]
     m = json.loads((art.path / "manifest.json").read_text())
     assert m["stage"] == "toy" and m["id"] == art.id and m["kind"] == "text"
-    assert m["params"] == {"n": 2, "note": "", "sleep": 0.0, "fail": False}
+    assert m["params"] == {"n": 2, "note": "", "sleep": 0.0, "fail": False, "x": 0.0}
     assert m["inputs"][0]["type"] == "raw" and m["inputs"][0]["sha256"] == hash_raw_input(raw).sha256
-    assert m["metrics"] == {"chars": 24} and m["key_metric"] == "chars"
+    assert m["metrics"] == {"chars": 24, "loss": 0.09} and m["key_metric"] == "chars"
     assert {f["path"] for f in m["files"]} == {"out.txt", "sub/count.txt", "log.txt"}
     for key in ("dsk_version", "code_version", "seed", "started_at", "finished_at", "git_commit"):
         assert key in m

@@ -105,7 +105,7 @@ def test_stage_command_runs_and_caches(toy_cli, tmp_path, workspace):
     r1 = toy_cli("toy", raw, "--n", "2", "--json")
     assert r1.exit_code == 0, r1.output
     s1 = json.loads(r1.stdout)
-    assert s1["cached"] is False and s1["metrics"] == {"chars": 6}
+    assert s1["cached"] is False and s1["metrics"]["chars"] == 6
     r2 = toy_cli("toy", raw, "--set", "n=2", "--json")
     s2 = json.loads(r2.stdout)
     assert s2["cached"] is True and s2["id"] == s1["id"]

@@ -90,7 +90,7 @@ def test_until_stops_early(toy, raw, tmp_path):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("steps:\n  - stage: toy\n    params: {nn: 1}\n", "unknown key 'nn'; allowed: n, note, sleep, fail"),
+        ("steps:\n  - stage: toy\n    params: {nn: 1}\n", "unknown key 'nn'; allowed: n, note, sleep, fail, x"),
         ("steps:\n  - stage: toy\n    params: {n: abc}\n", "n='abc'"),
         ("steps:\n  - stage: toy\n    params: {n: 0}\n", "greater than or equal to 1"),
         ("steps:\n  - stage: nosuch\n", "unknown stage 'nosuch'"),
