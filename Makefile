@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 DSK    := $(VENV)/bin/dsk
 STAMP  := $(VENV)/.installed
 
-.PHONY: install pipeline test test-all bench clean-workspace
+.PHONY: install browser pipeline test test-all bench clean-workspace
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ install: $(STAMP)
 pipeline: install
 	$(DSK) run pipelines/default.yaml
 
-test: install
+# The report test renders HTML in headless Chromium (Debian's package); install it if missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "note: could not install chromium; the browser check of the report will be skipped"; }
+
+test: install browser
 	$(VENV)/bin/pytest -q
 
 test-all: install

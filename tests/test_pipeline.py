@@ -99,7 +99,7 @@ def test_until_stops_early(toy, raw, tmp_path):
         ("steps:\n  - stage: toy\n    from: later\n", "'from: later' names no earlier step"),
         ("steps: [\n", "not valid YAML"),
         ("stages: []\n", "expected a mapping with a 'steps' list"),
-        ("steps:\n  - stage: report\n", "not implemented yet"),
+        ("steps:\n  - stage: eval\n", "not implemented yet"),
     ],
 )
 def test_validation_errors_name_file_and_key(toy, tmp_path, body, message):

@@ -41,7 +41,8 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("eval", "Evaluate a model artifact on held-out data.",
               "dsk.evaluate", ("export", "quantize", "finetune", "pretrain"), implemented=False),
     StageSpec("report", "An HTML report card for an artifact's lineage.",
-              "dsk.report", ("eval", "export", "quantize", "finetune", "pretrain"), implemented=False),
+              "dsk.report", ("eval", "export", "quantize", "finetune", "pretrain", "featurize", "augment", "clean"),
+              implemented=True),
 )
 
 LIFECYCLE = ("clean", "augment", "featurize", "pretrain", "finetune", "quantize", "export", "serve")
