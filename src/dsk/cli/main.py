@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
     from click import ClickException  # type: ignore[no-redef,assignment]
 
 from dsk import __version__
-from dsk.cli import artifacts, evaluate, report, run, train, tune
+from dsk.cli import artifacts, drift, evaluate, report, run, train, tune
 from dsk.cli import augment, clean, export, featurize, finetune, pretrain, quantize, serve
 from dsk.errors import DskError
 
@@ -41,6 +41,7 @@ COMMANDS = [
     ("eval", evaluate.command, PIPELINE_PANEL, {}),
     ("report", report.command, PIPELINE_PANEL, {}),
     ("tune", tune.tune, PIPELINE_PANEL, {}),
+    ("drift", drift.drift, PIPELINE_PANEL, {}),
     ("ls", artifacts.ls, ARTIFACT_PANEL, {}),
     ("show", artifacts.show, ARTIFACT_PANEL, {}),
     ("lineage", artifacts.lineage, ARTIFACT_PANEL, {}),
