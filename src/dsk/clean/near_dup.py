@@ -233,14 +233,14 @@ def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, s
     return out
 
 
-def minhash_pairs(signatures: np.ndarray, threshold: float, num_perm: int, seed: int = 1) -> np.ndarray:
+def minhash_pairs(signatures: np.ndarray, threshold: float, num_perm: int, seed: int = 1, scheme: str = "affine32") -> np.ndarray:
     """Candidate pairs from datasketch MinHashLSH, kept only when estimated Jaccard >= threshold."""
     from datasketch import LeanMinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     pairs = []
     for i, sig in enumerate(signatures):
-        m = LeanMinHash(seed=seed, hashvalues=sig)
+        m = LeanMinHash(seed=seed, hashvalues=sig, scheme=scheme)
         for j in lsh.query(m):
             # the Jaccard check: LSH bands only propose candidates
             if float(np.mean(signatures[j] == sig)) >= threshold:

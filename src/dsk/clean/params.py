@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from dsk.config import StageParams
 
@@ -63,10 +63,17 @@ class Params(StageParams):
     label_folds: int = Field(5, ge=2, le=20, description="Tables: folds for out-of-fold label-issue probabilities.")
     scale: bool = Field(True, description="Tables: robust-scale numeric features ((x - median) / IQR); saved in transform.json.")
 
-    @model_validator(mode="after")
-    def _check(self) -> "Params":
-        if self.max_words < self.min_words:
-            raise ValueError(f"max_words ({self.max_words}) must be >= min_words ({self.min_words})")
-        if self.simhash_blocks <= self.simhash_k:
-            raise ValueError(f"simhash_blocks ({self.simhash_blocks}) must exceed simhash_k ({self.simhash_k})")
-        return self
+    # field validators (not a model validator) so that an error names its key on the command line
+    @field_validator("max_words")
+    @classmethod
+    def _max_words(cls, v: int, info: ValidationInfo) -> int:
+        if v < info.data.get("min_words", 0):
+            raise ValueError(f"must be >= min_words ({info.data['min_words']})")
+        return v
+
+    @field_validator("simhash_blocks")
+    @classmethod
+    def _blocks(cls, v: int, info: ValidationInfo) -> int:
+        if v <= info.data.get("simhash_k", 0):
+            raise ValueError(f"must exceed simhash_k ({info.data['simhash_k']}): C(blocks, k) tables find every pair within k bits")
+        return v
