@@ -60,6 +60,8 @@ class Params(StageParams):
     n_imputations: int = Field(5, ge=1, le=50, description="Tables: number of imputations pooled for impute=iterative.")
     label_issues: Literal["reject", "mark", "off"] = Field(
         "reject", description="Tables: rows whose label disagrees with k-fold out-of-fold predictions (confident learning) go to rejects, are only marked, or this is off.")
+    label_issue_rule: Literal["prune_by_noise_rate", "confident_joint"] = Field(
+        "prune_by_noise_rate", description="Tables: confident-learning rule: prune_by_noise_rate (higher recall) or confident_joint off-diagonal (higher precision).")
     label_folds: int = Field(5, ge=2, le=20, description="Tables: folds for out-of-fold label-issue probabilities.")
     scale: bool = Field(True, description="Tables: robust-scale numeric features ((x - median) / IQR); saved in transform.json.")
 

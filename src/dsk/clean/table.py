@@ -139,25 +139,48 @@ def fit_iterative(X: np.ndarray, m: int, seed: int) -> tuple[np.ndarray, dict[st
     return stack.mean(axis=0), spec, between
 
 
-def label_issue_mask(X: np.ndarray, y: np.ndarray, folds: int, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Confident learning (Northcutt et al. 2021): out-of-fold probabilities from k-fold CV,
-    per-class thresholds t_j = mean p_j over rows labelled j; a row is an issue when, among the
-    classes whose probability reaches their threshold, the most probable is not its label."""
+def label_issue_mask(X: np.ndarray, y: np.ndarray, folds: int, seed: int,
+                     rule: str = "prune_by_noise_rate") -> tuple[np.ndarray, dict[str, Any]]:
+    """Confident learning (Northcutt, Jiang, Chuang 2021) from k-fold out-of-fold probabilities.
+
+    Per-class thresholds t_j = mean p_j over rows labelled j. A row "confidently belongs" to
+    the most probable class among those reaching their threshold; counting (given label,
+    confident class) gives the confident joint C. ``confident_joint`` flags the off-diagonal
+    rows of C (higher precision); ``prune_by_noise_rate`` calibrates C to the class counts and,
+    for each (given j, true k), flags the round(C[j, k]) rows labelled j with the largest
+    margin p_k - p_j (cleanlab's default; higher recall).
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     classes, y_idx = np.unique(y, return_inverse=True)
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    n_classes = len(classes)
+    # strong regularisation: the model is fitted on labels that are partly wrong
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=3000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     probs = cross_val_predict(model, X, y_idx, cv=cv, method="predict_proba")
-    thresholds = np.array([probs[y_idx == j, j].mean() for j in range(len(classes))])
+    thresholds = np.array([probs[y_idx == j, j].mean() for j in range(n_classes)])
     above = probs >= thresholds[None, :]
-    confident = np.where(above, probs, -1.0)
-    best = confident.argmax(axis=1)
-    flagged = above.any(axis=1) & (best != y_idx)
-    info = {"classes": [str(c) for c in classes], "thresholds": [float(t) for t in thresholds],
+    confident_class = np.where(above, probs, -1.0).argmax(axis=1)
+    has_confident = above.any(axis=1)
+    if rule == "confident_joint":
+        flagged = has_confident & (confident_class != y_idx)
+    else:
+        joint = np.zeros((n_classes, n_classes))
+        np.add.at(joint, (y_idx[has_confident], confident_class[has_confident]), 1)
+        counts = np.bincount(y_idx, minlength=n_classes)
+        calibrated = joint / np.maximum(joint.sum(axis=1, keepdims=True), 1) * counts[:, None]
+        flagged = np.zeros(len(y_idx), bool)
+        for j in range(n_classes):
+            rows = np.nonzero(y_idx == j)[0]
+            for k in range(n_classes):
+                n_flip = int(round(calibrated[j, k])) if k != j else 0
+                if n_flip:
+                    margin = probs[rows, k] - probs[rows, j]
+                    flagged[rows[np.argsort(-margin, kind="stable")[:n_flip]]] = True
+    info = {"rule": rule, "classes": [str(c) for c in classes], "thresholds": [float(t) for t in thresholds],
             "oof_accuracy": float((probs.argmax(axis=1) == y_idx).mean())}
     return flagged, info
 
@@ -263,7 +286,8 @@ def clean_table(ctx: Any, path: Path) -> dict[str, Any]:
         elif kept[numeric].isna().any().any():
             label_info["skipped"] = "missing values left (impute=none)"
         else:
-            flagged, label_info = label_issue_mask(kept[numeric].to_numpy(float), y.to_numpy(), p.label_folds, ctx.seed)
+            flagged, label_info = label_issue_mask(kept[numeric].to_numpy(float), y.to_numpy(), p.label_folds, ctx.seed,
+                                                   p.label_issue_rule)
             kept_flags = pd.Series(flagged, index=kept.index)
             label_info["flagged"] = int(flagged.sum())
         if "skipped" in label_info:
@@ -299,7 +323,9 @@ def clean_table(ctx: Any, path: Path) -> dict[str, Any]:
     rej["_reason"] = reason[reason.notna()].astype(str)
     rej["_detail"] = detail[reason.notna()].astype(str)
     pq.write_table(pa.Table.from_pandas(rej.reset_index(drop=True), preserve_index=False), ctx.out / "rejects.parquet")
-    (ctx.out / "transform.json").write_text(json.dumps(transform, indent=1, sort_keys=True))
+    # iterative imputation saves every regression step: keep that file compact
+    indent = None if "iterative" in impute_spec else 1
+    (ctx.out / "transform.json").write_text(json.dumps(transform, indent=indent, sort_keys=True))
 
     by_reason = reason.dropna().value_counts()
     report = {
