@@ -95,8 +95,10 @@ def build(files: dict[str, bytes], *, n_words: int, max_synonyms: int, max_sense
             if not WORD.match(lemma):
                 continue
             synset_cnt, p_cnt = int(parts[2]), int(parts[3])
+            tagged = int(parts[4 + p_cnt + 1])
             offsets = parts[4 + p_cnt + 2 :][:synset_cnt]
-            senses[lemma].extend((pos, int(o)) for o in offsets[:max_senses])
+            # only senses attested in the tagged corpus: drops rare readings (glad -> gladiolus)
+            senses[lemma].extend((pos, int(o)) for o in offsets[: min(max_senses, tagged)])
 
     common = sorted((w for w in senses if freq.get(w, 0) > 0 and len(w) > 2), key=lambda w: (-freq[w], w))
     table = []
