@@ -13,7 +13,7 @@ from dsk.config import StageParams
 
 
 class Params(StageParams):
-    ops: Optional[Union[list[dict[str, Any]], str]] = Field(
+    ops: Optional[Union[list[Any], str]] = Field(
         None,
         description="Op pipeline: a list of {type, params, p} (JSON/YAML), or a path to a JSON/YAML "
         "file holding one. Default: EDA at 0.1 (text), rotation+flip+noise (image), "

@@ -37,9 +37,13 @@ IMAGE_KEYS, LABEL_KEYS = ("x", "images", "X", "data"), ("y", "labels", "targets"
 
 
 def variant_seed(seed: int, *parts: int) -> int:
-    """A stable 63-bit seed for one variant (or batch): the same on every machine and run."""
+    """A stable seed for one variant (or batch): the same on every machine and run.
+
+    52 bits, so it survives a trip through float64 (pandas turns a nullable int column into
+    floats) and JSON readers that parse numbers as doubles.
+    """
     key = ":".join(str(p) for p in (seed, *parts)).encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 12
 
 
 # --------------------------------------------------------------------------- inputs
@@ -112,9 +116,11 @@ def _load_pngs(raw: RawInput) -> tuple[np.ndarray, np.ndarray | None, list[str] 
     return x, y, classes, "png"
 
 
-def _guess_modality(x: np.ndarray, requested: str) -> str:
+def _guess_modality(x: np.ndarray, requested: str, fmt: str) -> str:
     if requested != "auto":
         return requested
+    if fmt == "png":
+        return "image"
     if x.ndim == 4:
         return "image"
     if x.ndim == 2:
@@ -152,7 +158,7 @@ def run(*, source: Any = None, params: Params, seed: int = 0, force: bool = Fals
         data = None
     else:
         data = load_arrays(src)
-        modality = _guess_modality(data[0], params.modality)
+        modality = _guess_modality(data[0], params.modality, data[3])
         if modality == "text":
             raise DskError("raw text goes through `dsk clean` first; then run `dsk augment` on its artifact")
     ops = params.ops if params.ops is not None else DEFAULT_OPS[modality]
