@@ -316,3 +316,11 @@ def compose(config: Any, *, modality: str | None = None, synonyms: str | None = 
 def describe_ops(modality: str | None = None) -> list[dict[str, Any]]:
     return [{"type": o.name, "modality": o.modality, "params": o.defaults, "summary": o.summary}
             for o in OPS.values() if modality in (None, o.modality)]
+
+
+if __name__ == "__main__":  # python -m dsk.data.augment_ops [text|image|series]
+    import sys
+
+    for o in describe_ops(sys.argv[1] if len(sys.argv) > 1 else None):
+        params = ", ".join(f"{k}={v}" for k, v in o["params"].items())
+        print(f"{o['modality']:7} {o['type']:22} {o['summary']}" + (f"  [{params}]" if params else ""))
