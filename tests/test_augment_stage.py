@@ -215,3 +215,10 @@ def test_pipeline_file_validates_augment_step():
     assert aug and aug[0].params.copies == 1
     rates = aug[0].params.ops[0]["params"]
     assert all(0 < r <= 0.1 for r in rates.values())
+
+
+def test_unreadable_array_file(cli, workspace, tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    code, _, err = cli("augment", str(tmp_path / "obj.npy"), "--modality", "image")
+    assert code == 2 and "cannot read" in err and "Traceback" not in err
+    assert _no_augment_artifact(workspace)

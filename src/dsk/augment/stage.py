@@ -70,6 +70,16 @@ def _load_ops(params: Params) -> Params:
 
 def load_arrays(raw: RawInput) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, str]:
     """(x, y, class names, source format) from a .npz/.npy file or a folder of PNGs."""
+    import zipfile
+
+    try:
+        return _load_arrays(raw)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        # object arrays (allow_pickle=False), truncated or non-numpy files
+        raise DskError(f"cannot read {str(raw.path)!r} as numeric arrays: {str(exc).splitlines()[0]}") from None
+
+
+def _load_arrays(raw: RawInput) -> tuple[np.ndarray, np.ndarray | None, list[str] | None, str]:
     path = raw.path
     if path.is_dir():
         return _load_pngs(raw)
