@@ -25,7 +25,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("clean", "Clean raw text or tables: filters, PII, dedup, outliers, label issues.",
               "dsk.clean", (), implemented=True, accepts_raw=True),
     StageSpec("augment", "Seeded, composable augmentation of text, images and time series.",
-              "dsk.augment", ("clean",), implemented=False),
+              "dsk.augment", ("clean",), implemented=True, accepts_raw=True),
     StageSpec("featurize", "Tokenizer + token shards for text; engineered features for tables.",
               "dsk.featurize", ("augment", "clean"), implemented=True),
     StageSpec("pretrain", "Train a DeepSeek-style MoE model from scratch on featurized data.",
