@@ -14,7 +14,7 @@ from dsk.registry import LIFECYCLE
 
 # Stages whose command exists but exits 2 with "not implemented yet". Update this list as
 # stages land, so nobody mistakes a placeholder for a working stage.
-NOT_IMPLEMENTED = ["clean", "augment", "featurize", "pretrain", "finetune", "quantize", "export",
+NOT_IMPLEMENTED = ["finetune", "quantize", "export",
                    "serve", "eval"]
 
 
