@@ -163,5 +163,5 @@ def print_summary(report: dict[str, Any]) -> None:
         metric = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in km.items())
         status = "[cyan]cached[/cyan]" if row.get("cached") else "[green]ran[/green]"
         table.add_row(row["step"], row["stage"], row.get("id", ""), status, f"{row.get('seconds', 0):.2f}", metric)
-    console.console.print(table)
+    console.console.print(table, width=None if console.console.is_terminal else 140)
     console.console.print(f"total {report['seconds']:.2f}s")
