@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from dsk import console
+
+from dsk import console, tracking
 from dsk.models import Transformer
 from dsk.train.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 from dsk.train.optim import lr_at, make_optimizer
@@ -353,6 +354,8 @@ def _eval_record(write: Callable, step: int, val_loss: float, data: Any, elapsed
     record = {"step": step, "split": "val", "loss": round(val_loss, 6),
               "bpb": round(data.bits_per_byte(val_loss), 6), "elapsed_s": round(elapsed_s, 2)}
     write(record)
+    # observers (e.g. a `dsk tune` study deciding whether to prune) see every evaluation
+    tracking.report(step, {"val_loss": record["loss"], "val_bpb": record["bpb"]})
     return record
 
 
