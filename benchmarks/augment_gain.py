@@ -11,7 +11,7 @@ Three measurements, side by side with the no-augmentation baseline, in one run:
 3. Speed: `dsk augment` on 10,000 documents with all four EDA ops (library call and the whole
    stage including parquet IO).
 
-    $ python benchmarks/augment_gain.py            # ~2-4 min on 2 CPU cores
+    $ python benchmarks/augment_gain.py            # ~4 min on a busy 2-core machine
     $ python benchmarks/augment_gain.py --quick    # a smoke run
 """
 
