@@ -222,3 +222,19 @@ def test_unreadable_array_file(cli, workspace, tmp_path):
     code, _, err = cli("augment", str(tmp_path / "obj.npy"), "--modality", "image")
     assert code == 2 and "cannot read" in err and "Traceback" not in err
     assert _no_augment_artifact(workspace)
+
+
+def test_image_bytes_reproducible_and_without_originals(cli, workspace, tmp_path):
+    x = np.random.default_rng(1).random((10, 6, 6)).astype(np.float32)
+    np.save(tmp_path / "imgs.npy", x)
+    args = (str(tmp_path / "imgs.npy"), "--modality", "image", "--ops",
+            '[{"type": "RandomResizedCrop"}, {"type": "ColorJitter"}, {"type": "GaussianNoise"}]')
+    first = run_json(cli, *args)
+    data = (Path(first["path"]) / "x.npy").read_bytes()
+    assert (Path(run_json(cli, *args, "--force")["path"]) / "x.npy").read_bytes() == data
+    only = run_json(cli, *args, "--no-keep-originals", "--copies", "3")
+    xo = np.load(Path(only["path"]) / "x.npy")
+    assert xo.shape == (30, 6, 6) and xo.dtype == np.float32
+    assert not any(np.array_equal(xo[i], x[i % 10]) for i in range(30))
+    prov = pq.read_table(Path(only["path"]) / "provenance.parquet").to_pandas()
+    assert sorted(set(prov.variant)) == [1, 2, 3] and prov.aug_seed.notna().all()

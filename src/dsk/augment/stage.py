@@ -193,12 +193,28 @@ def run(*, source: Any = None, params: Params, seed: int = 0, force: bool = Fals
     result = run_stage(stage="augment", params=params, inputs=inputs, build=build, seed=seed,
                        force=force, store=store, stage_version=STAGE_VERSION)
     if not result.cached:
-        m = result.artifact.metrics
-        console.info(
-            f"[bold]augment[/bold] ({m.get('modality')}): {m.get('n_original')} originals + "
-            f"{m.get('n_augmented')} variants, {m.get('n_rejected', 0)} rejected; ops: {', '.join(m.get('op_types', []))}"
-        )
+        print_summary(result.artifact.metrics)
     return result
+
+
+def print_summary(m: dict[str, Any]) -> None:
+    if console.is_quiet():
+        return
+    from rich.table import Table
+
+    table = Table(title=f"augment ({m['modality']})", title_justify="left", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    table.add_row("ops", ", ".join(m["op_types"]))
+    table.add_row("examples", f"{m['n_input']:,} in -> {m['n_original']:,} originals + {m['n_augmented']:,} variants"
+                  f" ({m['copies']} per example)")
+    if m.get("n_rejected"):
+        table.add_row("rejected", f"{m['n_rejected']:,} variants identical to their source (rejects.parquet)")
+    if "docs_per_s" in m:
+        table.add_row("speed", f"{m['docs_per_s']:,.0f} documents/s")
+    if "shape" in m:
+        table.add_row("output", f"x {m['shape']} ({m['layout']})" + (", soft labels" if m["soft_labels"] else ""))
+    console.console.print(table)
 
 
 def _write_parquet(table: Any, path: Path) -> None:
