@@ -12,38 +12,27 @@ comparing all pairs. Pairs found are clustered with union-find.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import re
 from typing import Iterable, Sequence
 
 import numpy as np
+from scipy import sparse
 
 WORD_RE = re.compile(r"\w+")
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_VOTE_SLICE = 1 << 18  # shingles per slice of the vote: 64 MiB of float32 bits
 
 
 def words_of(text: str) -> list[str]:
     return WORD_RE.findall(text.lower())
 
 
-class WordHasher:
-    """Deterministic 64-bit word hashes, cached: Python's hash() of str is salted per process."""
+def hash_words(words: list[str]) -> np.ndarray:
+    """Deterministic 64-bit hashes of words, vectorised (pandas' keyed SipHash; Python's own
+    str hash is salted per process, so fingerprints would differ between workers and runs)."""
+    import pandas as pd
 
-    def __init__(self) -> None:
-        self.cache: dict[str, int] = {}
-
-    def __call__(self, words: list[str]) -> list[int]:
-        cache = self.cache
-        out = []
-        for w in words:
-            h = cache.get(w)
-            if h is None:
-                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                if len(cache) < 2_000_000:  # bounded: memory must not grow with the corpus
-                    cache[w] = h
-            out.append(h)
-        return out
+    return pd.util.hash_array(np.array(words, dtype=object), categorize=False).astype(np.uint64)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -97,25 +86,42 @@ def shingle_hashes(word_hashes: np.ndarray, doc_lengths: np.ndarray, shingle_siz
     return _mix64(combined[valid]), counts
 
 
-def simhash_batch(texts: Sequence[str], shingle_size: int, hasher: WordHasher | None = None) -> np.ndarray:
+def simhash_batch(texts: Sequence[str], shingle_size: int) -> np.ndarray:
     """64-bit SimHash fingerprints (uint64) of a batch of texts, vectorised over the batch."""
-    hasher = hasher or WordHasher()
     lengths = np.empty(len(texts), np.int64)
-    flat: list[int] = []
+    flat: list[str] = []
     for i, text in enumerate(texts):
-        w = hasher(words_of(text))
+        w = words_of(text)
         lengths[i] = len(w)
         flat.extend(w)
-    word_hashes = np.array(flat, dtype=np.uint64)
+    word_hashes = hash_words(flat) if flat else np.zeros(0, np.uint64)
     sh, counts = shingle_hashes(word_hashes, lengths, shingle_size)
     if sh.size == 0:
         return np.zeros(len(texts), np.uint64)
-    # bit b of the fingerprint is the majority vote of bit b over the document's shingles
-    bits = np.unpackbits(sh.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    nonempty = counts > 0
-    votes = np.zeros((len(texts), 64), np.int32)
-    votes[nonempty] = np.add.reduceat(bits, offsets[nonempty], axis=0)
+    # a set of shingles per document (as MinHash uses): repeats of frequent words or lines
+    # would otherwise dominate the vote and pull unrelated documents together
+    doc_of = np.repeat(np.arange(len(texts)), counts)
+    order = np.lexsort((sh, doc_of))
+    sh, doc_of = sh[order], doc_of[order]
+    first = np.ones(sh.size, bool)
+    first[1:] = (sh[1:] != sh[:-1]) | (doc_of[1:] != doc_of[:-1])
+    sh = sh[first]
+    counts = np.bincount(doc_of[first], minlength=len(texts)).astype(np.int64)
+    # bit b of the fingerprint is the majority vote of bit b over the document's shingles;
+    # per-document sums as a sparse (docs x shingles) product, in slices that bound memory
+    ends = np.cumsum(counts)
+    votes = np.zeros((len(texts), 64), np.float32)
+    lo = 0
+    while lo < len(texts):
+        start = ends[lo] - counts[lo]
+        hi = max(int(np.searchsorted(ends, start + _VOTE_SLICE, side="right")), lo + 1)
+        stop = ends[hi - 1]
+        bits = np.unpackbits(sh[start:stop].view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")
+        indptr = np.concatenate([[0], ends[lo:hi] - start])
+        member = sparse.csr_matrix((np.ones(stop - start, np.float32), np.arange(stop - start), indptr),
+                                   shape=(hi - lo, stop - start))
+        votes[lo:hi] = member @ bits.astype(np.float32)
+        lo = hi
     fp_bits = (2 * votes > counts[:, None]).astype(np.uint8)
     return np.packbits(fp_bits, axis=1, bitorder="little").view(np.uint64).reshape(-1)
 

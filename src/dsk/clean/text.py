@@ -132,7 +132,6 @@ class BatchResult:
 
 _worker_params: Params | None = None
 _worker_pii: list[tuple[str, re.Pattern[str]]] = []
-_worker_hasher = near_dup.WordHasher()
 
 
 def _init_worker(params_json: str) -> None:
@@ -173,7 +172,7 @@ def process_batch(raw: list[tuple[str, str | None]]) -> BatchResult:
     else:
         fps = np.zeros(len(raw), np.uint64)
         if chosen:
-            fps[eligible] = near_dup.simhash_batch(chosen, p.shingle_size, _worker_hasher)
+            fps[eligible] = near_dup.simhash_batch(chosen, p.shingle_size)
     return BatchResult(texts, reasons, hashes, eligible, fps, pii)
 
 
