@@ -182,6 +182,9 @@ def shap_importance(ctx: StageContext, X: pd.DataFrame, y: np.ndarray, n_classes
     importance = pd.Series(per_feature, index=X.columns).sort_values(ascending=False, kind="stable")
 
     fig = plt.figure()
+    # the beeswarm jitters points with numpy's global RNG: seed it so the PNG is reproducible
+    rng_state = np.random.get_state()
+    np.random.seed(ctx.seed)
     if values.ndim == 2:
         shap.summary_plot(values, sample, show=False, max_display=20)
     else:
@@ -191,6 +194,7 @@ def shap_importance(ctx: StageContext, X: pd.DataFrame, y: np.ndarray, n_classes
     plt.tight_layout()
     plt.savefig(ctx.out / "shap_summary.png", dpi=80, metadata={"Software": None})
     plt.close("all")
+    np.random.set_state(rng_state)
     del fig
     return importance
 
