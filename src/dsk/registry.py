@@ -33,7 +33,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("finetune", "LoRA/full instruction tuning and DPO on a pretrained model.",
               "dsk.finetune", ("pretrain",), implemented=False, accepts_raw=True),
     StageSpec("quantize", "16/8/4-bit quantization with measured accuracy cost.",
-              "dsk.quantize", ("finetune", "pretrain"), implemented=False),
+              "dsk.quantize", ("finetune", "pretrain"), implemented=True),
     StageSpec("export", "Export a model to ONNX, Hugging Face or safetensors.",
               "dsk.export", ("quantize", "finetune", "pretrain"), implemented=False),
     StageSpec("serve", "Serve a model over an OpenAI-compatible HTTP API.",

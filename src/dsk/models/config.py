@@ -118,7 +118,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"model_type", "format_version"})
+        unknown = sorted(set(data) - known - {"model_type", "format_version", "quantization"})
         if unknown:
             raise DskError(f"model config: unknown key {unknown[0]!r}; is this a dsk model config.json?")
         return cls(**{k: v for k, v in data.items() if k in known})
