@@ -63,7 +63,7 @@ def build_model(ctx) -> None:
         model.update_router_bias()
     save_model(model.eval(), ctx.out)
     ctx.kind = "model"
-    ctx.metrics = {"final_loss": float(loss)}
+    ctx.metrics = {"final_loss": float(loss.detach())}
 
 
 def make_tokens(store, n_bytes: int = 60_000):
@@ -74,3 +74,14 @@ def make_tokens(store, n_bytes: int = 60_000):
 def make_model(store, tokens, preset: str = "tiny", steps: int = 40, **overrides):
     return run_stage(stage="pretrain", params=ModelParams(preset=preset, steps=steps, overrides=overrides),
                      inputs=[tokens], build="quantize_helpers:build_model", store=store).artifact
+
+
+def build_model_without_data(ctx) -> None:
+    """An untrained model artifact with no tokens artifact in its lineage."""
+    import torch
+
+    from dsk.models import ModelConfig, Transformer, save_model
+
+    torch.manual_seed(0)
+    save_model(Transformer(ModelConfig.preset(ctx.params.preset, vocab_size=256, max_seq_len=128)), ctx.out)
+    ctx.kind = "model"

@@ -35,7 +35,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("quantize", "16/8/4-bit quantization with measured accuracy cost.",
               "dsk.quantize", ("finetune", "pretrain"), implemented=True),
     StageSpec("export", "Export a model to ONNX, Hugging Face or safetensors.",
-              "dsk.export", ("quantize", "finetune", "pretrain"), implemented=False),
+              "dsk.export", ("quantize", "finetune", "pretrain"), implemented=True),
     StageSpec("serve", "Serve a model over an OpenAI-compatible HTTP API.",
               "dsk.serve", ("export", "quantize", "finetune", "pretrain"), implemented=False),
     StageSpec("eval", "Evaluate a model artifact on held-out data.",

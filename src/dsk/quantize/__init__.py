@@ -18,6 +18,7 @@ def run(*, source=None, params=None, seed=0, force=False, store=None):
 
     store = store or Store.open()
     params = params or Params()
+    check_params(params)
     inputs = resolve_inputs(store, "quantize", source)
     return run_stage(
         stage="quantize", params=params, inputs=inputs, build="dsk.quantize.build:build",
@@ -25,4 +26,17 @@ def run(*, source=None, params=None, seed=0, force=False, store=None):
     )
 
 
-__all__ = ["Params", "run"]
+def check_params(p: Params) -> None:
+    """Option combinations that cannot work: a one-line error before anything runs."""
+    from dsk.errors import DskError
+
+    if p.backend == "onnx":
+        if p.bits != 8:
+            raise DskError(f"--backend onnx supports --bits 8 only (onnxruntime int8), not {p.bits}; use --backend torch for 16/4 bits")
+        if p.scheme not in ("dynamic", "static"):
+            raise DskError(f"--backend onnx supports --scheme dynamic or static, not {p.scheme!r}")
+    elif p.bits != 8 and p.scheme != "weight-only":
+        raise DskError(f"--bits {p.bits} supports only --scheme weight-only, not {p.scheme!r}; dynamic/static are 8-bit schemes")
+
+
+__all__ = ["Params", "run", "check_params"]
