@@ -48,6 +48,10 @@ def build(ctx: StageContext) -> None:
     p = ctx.params
     art, data = model_artifact(ctx)
     ctx.kind = "export"
+    if p.threads:
+        import torch
+
+        torch.set_num_threads(p.threads)
     if p.format == "safetensors":
         return build_safetensors(ctx, art, data)
     if "quantization" in data:

@@ -23,3 +23,4 @@ class Params(StageParams):
     verify_prompts: int = Field(3, ge=1, le=64, description="ONNX: random prompts used for the parity and cached-generation checks.")
     verify_tokens: int = Field(32, ge=1, le=1024, description="ONNX: greedy tokens that onnxruntime (with its KV cache) must generate exactly as torch does.")
     bench_tokens: int = Field(32, ge=0, le=4096, description="ONNX: greedy tokens decoded to compare onnxruntime and torch tokens/s (0 skips).")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads for torch and onnxruntime while evaluating and timing (0 = torch's default).")

@@ -57,9 +57,17 @@ def pct_change(new: float, old: float) -> float:
     return 100.0 * (new - old) / old
 
 
+def set_threads(n: int) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def build(ctx: StageContext) -> None:
     p = ctx.params
     art = input_model_artifact(ctx)
+    set_threads(p.threads)
     if p.backend == "onnx":
         from dsk.quantize.onnx_backend import build_onnx
 

@@ -31,3 +31,4 @@ class Params(StageParams):
     eval_batch_size: int = Field(8, ge=1, le=512, description="Sequences per validation batch.")
     calib_batches: int = Field(4, ge=1, le=1000, description="Static scheme: validation batches used to calibrate activation ranges.")
     bench_tokens: int = Field(32, ge=0, le=4096, description="Greedy tokens decoded to measure tokens/s (0 skips the measurement).")
+    threads: int = Field(0, ge=0, le=256, description="CPU threads for torch and onnxruntime while evaluating and timing (0 = torch's default).")
