@@ -27,7 +27,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("augment", "Seeded, composable augmentation of text, images and time series.",
               "dsk.augment", ("clean",), implemented=False),
     StageSpec("featurize", "Tokenizer + token shards for text; engineered features for tables.",
-              "dsk.featurize", ("augment", "clean"), implemented=False),
+              "dsk.featurize", ("augment", "clean"), implemented=True),
     StageSpec("pretrain", "Train a DeepSeek-style MoE model from scratch on featurized data.",
               "dsk.pretrain", ("featurize",), implemented=False),
     StageSpec("finetune", "LoRA/full instruction tuning and DPO on a pretrained model.",
