@@ -54,8 +54,13 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer or None, cfg) from a model artifact directory."""
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", merge_adapters: bool = True):
+    """(model in eval mode, tokenizer or None, cfg) from a model artifact directory.
+
+    A LoRA artifact (``adapter.safetensors`` + ``adapter_config.json`` next to the base
+    weights) loads with its adapters folded into the weights, so callers get a plain model;
+    ``merge_adapters=False`` keeps them as separate modules (see :mod:`dsk.models.lora`).
+    """
     from safetensors.torch import load_file
 
     root = Path(path)
@@ -67,6 +72,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
     cfg = ModelConfig.from_dict(data)
     model = Transformer(cfg)
     load_state(model, load_file(str(root / "model.safetensors")))
+    from dsk.models.lora import load_adapters
+
+    load_adapters(model, root, merge=merge_adapters)
     model.to(device).eval()
     tokenizer = None
     if (root / "tokenizer.json").is_file():
