@@ -57,6 +57,9 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
 def load_model(path: str | Path, *, device: str | torch.device = "cpu", merge_adapters: bool = True):
     """(model in eval mode, tokenizer or None, cfg) from a model artifact directory.
 
+    The tokenizer is :class:`dsk.data.tokenizer.Tokenizer` (``encode`` -> list of ids,
+    ``decode``, ``eot_id``, ``format_chat``; the Hugging Face object is ``tokenizer.hf``).
+
     A LoRA artifact (``adapter.safetensors`` + ``adapter_config.json`` next to the base
     weights) loads with its adapters folded into the weights, so callers get a plain model;
     ``merge_adapters=False`` keeps them as separate modules (see :mod:`dsk.models.lora`).
@@ -78,7 +81,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu", merge_ad
     model.to(device).eval()
     tokenizer = None
     if (root / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from dsk.data.tokenizer import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        tokenizer = load_tokenizer(root / "tokenizer.json")
     return model, tokenizer, cfg
