@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 
 from dsk.artifacts import Store
+from dsk.config import StageParams
 from dsk.runtime import run_stage
+
+class BaseParams(StageParams):
+    preset: str = "tiny"
+    max_seq_len: int = 64
+    tokenizer: bool = True
+    seed: int = 0
+    arch: dict = {}
+
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 :+-"
 
@@ -30,7 +39,6 @@ def tiny_model(tok, *, preset: str = "tiny", max_seq_len: int = 64, seed: int = 
 def make_base(store: Store, *, preset: str = "tiny", max_seq_len: int = 64, tokenizer: bool = True, seed: int = 0,
               kind: str = "model", **arch):
     """A committed `pretrain` artifact holding a random tiny model (+ tokenizer)."""
-    from dsk.config import StageParams
     from dsk.models import save_model
 
     tok = char_tokenizer()
@@ -40,14 +48,7 @@ def make_base(store: Store, *, preset: str = "tiny", max_seq_len: int = 64, toke
         save_model(model, ctx.out, tokenizer=tok if tokenizer else None)
         ctx.kind = kind
 
-    class P(StageParams):
-        preset: str = preset
-        max_seq_len: int = max_seq_len
-        tokenizer: bool = True
-        seed: int = 0
-        arch: dict = {}
-
-    params = P(preset=preset, max_seq_len=max_seq_len, tokenizer=tokenizer, seed=seed, arch=arch)
+    params = BaseParams(preset=preset, max_seq_len=max_seq_len, tokenizer=tokenizer, seed=seed, arch=arch)
     return run_stage(stage="pretrain", params=params, inputs=[], build=build, store=store, kind=kind).artifact
 
 
