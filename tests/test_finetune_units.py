@@ -11,7 +11,9 @@ import torch
 from dsk.errors import DskError
 from dsk.finetune import data as fdata
 from dsk.models.lora import LoraConfig, add_lora, count_params, merge_lora, save_adapters
-from finetune_helpers import char_tokenizer, copy_rows, tiny_model, write_jsonl
+from finetune_helpers import char_tokenizer, copy_rows, one_thread, tiny_model, write_jsonl
+
+_ = one_thread  # autouse fixture
 
 
 # --------------------------------------------------------------------------- data

@@ -40,12 +40,6 @@ def resolve_base(store: Store, source, method: str) -> Artifact:
         if art is None:
             raise DskError("no base model for finetune: run `dsk pretrain` first, or pass --from ID|PATH|TAG")
         return art
-    path = Path(str(source))
-    if path.is_file():
-        raise DskError(
-            f"finetune's INPUT is the base model artifact, not a data file ({str(source)!r}); "
-            f"pass the data with --data {source}"
-        )
     [art] = resolve_inputs(store, "finetune", source)
     if not isinstance(art, Artifact):
         raise DskError(f"{str(source)!r} is not an artifact; pass a model artifact id, tag or path")
@@ -79,6 +73,11 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
         print(describe())  # the answer the user asked for: stdout, not the log console
         return None
     store = store or Store.open()
+    if source is not None and Path(str(source)).is_file():
+        raise DskError(
+            f"finetune's INPUT is the base model artifact, not a data file ({str(source)!r}); "
+            f"pass the data with --data {source}"
+        )
     if not params.data:
         raise DskError("finetune needs training data: pass --data PATH to a JSONL file "
                        "(e.g. --data data/sample/tasks/train.jsonl; see `dsk finetune --show-template`)")
