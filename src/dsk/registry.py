@@ -31,7 +31,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("pretrain", "Train a DeepSeek-style MoE model from scratch on featurized data.",
               "dsk.pretrain", ("featurize",), implemented=True),
     StageSpec("finetune", "LoRA/full instruction tuning and DPO on a pretrained model.",
-              "dsk.finetune", ("pretrain",), implemented=False, accepts_raw=True),
+              "dsk.finetune", ("pretrain",), implemented=True),
     StageSpec("quantize", "16/8/4-bit quantization with measured accuracy cost.",
               "dsk.quantize", ("finetune", "pretrain"), implemented=True),
     StageSpec("export", "Export a model to ONNX, Hugging Face or safetensors.",

@@ -63,11 +63,15 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
+def load_model(path: str | Path, *, device: str | torch.device = "cpu", merge_adapters: bool = True):
     """(model in eval mode, tokenizer or None, cfg) from a model artifact directory.
 
     The tokenizer is :class:`dsk.data.tokenizer.Tokenizer` (``encode`` -> list of ids,
     ``decode``, ``eot_id``, ``format_chat``; the Hugging Face object is ``tokenizer.hf``).
+
+    A LoRA artifact (``adapter.safetensors`` + ``adapter_config.json`` next to the base
+    weights) loads with its adapters folded into the weights, so callers get a plain model;
+    ``merge_adapters=False`` keeps them as separate modules (see :mod:`dsk.models.lora`).
     """
     from safetensors.torch import load_file
 
@@ -85,6 +89,9 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
 
         prepare_for_loading(model, QuantConfig.from_dict(quantization))
     load_state(model, load_file(str(root / "model.safetensors")))
+    from dsk.models.lora import load_adapters
+
+    load_adapters(model, root, merge=merge_adapters)
     model.to(device).eval()
     tokenizer = None
     if (root / "tokenizer.json").is_file():

@@ -107,7 +107,7 @@ def evaluate(model: torch.nn.Module, data: Any, device: str, precision: str) -> 
         with autocast_context(device, precision):
             logits = model(x).logits
         total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
-        count += y.numel()
+        count += int((y != -100).sum())  # targets of -100 (finetuning's masked prompts) are not scored
     model.train(was_training)
     return total / max(1, count)
 
@@ -128,8 +128,13 @@ def train(
     run_fingerprint: dict[str, Any] | None = None,
     log: logging.Logger | None = None,
     on_step: Callable[[int], None] | None = None,
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place; metrics, checkpoints and profiles go under ``run_dir``."""
+    """Train ``model`` in place; metrics, checkpoints and profiles go under ``run_dir``.
+
+    ``loss_fn(model, x, y) -> (loss, stats)`` replaces the default next-token loss (e.g. DPO
+    in `dsk finetune`); the interval means of its ``stats`` are added to the train records.
+    """
     log = log or log_default
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,6 +218,7 @@ def train(
     last_ckpt_time = time.perf_counter()
     interval_loss, interval_steps, interval_tokens, interval_time = 0.0, 0, 0, 0.0
     interval_load: dict[int, torch.Tensor] = {}
+    interval_stats: dict[str, float] = {}  # from loss_fn
     evals: list[dict[str, Any]] = []
     val_loss = float("nan")
     stopped_by = "max_steps"
@@ -243,10 +249,17 @@ def train(
                     x, y = data.batch(step, micro)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     with autocast_context(device, cfg.precision):
-                        out = forward(x, targets=y)
-                    loss = out.loss / cfg.grad_accum
+                        if loss_fn is None:
+                            out = forward(x, targets=y)
+                            full_loss, logged = out.loss, out.aux.get("ce_loss", out.loss)
+                        else:
+                            full_loss, stats = loss_fn(forward, x, y)
+                            logged = full_loss
+                            for k, v in stats.items():
+                                interval_stats[k] = interval_stats.get(k, 0.0) + v / cfg.grad_accum
+                    loss = full_loss / cfg.grad_accum
                     scaler.scale(loss).backward()
-                    step_loss += float(out.aux.get("ce_loss", out.loss).detach()) / cfg.grad_accum
+                    step_loss += float(logged.detach()) / cfg.grad_accum
 
                 # 3c. unscale, clip, optimizer step (skipped by the scaler on fp16 overflow)
                 scaler.unscale_(optimizer)
@@ -291,6 +304,8 @@ def train(
                     }
                     if scaler.is_enabled():
                         record["loss_scale"] = scaler.get_scale()
+                    for k, v in interval_stats.items():
+                        record[k] = round(v / interval_steps, 5)
                     if interval_load:
                         record["expert_load"] = {str(i): v.tolist() for i, v in interval_load.items()}
                         record["max_vio"] = {str(i): round(max_violation(v), 4) for i, v in interval_load.items()}
@@ -299,6 +314,7 @@ def train(
                     advance(interval_steps, status=status)
                     interval_loss, interval_steps, interval_tokens, interval_time = 0.0, 0, 0, 0.0
                     interval_load = {}
+                    interval_stats = {}
 
                 # 3f. evaluate
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:

@@ -1,0 +1,355 @@
+"""Finetuning data: read instruction / preference JSONL, apply the chat template, mask, pack.
+
+Every line is checked before any training: a malformed line, a chat with no assistant turn
+or an example longer than the context is reported as ``file:line: problem`` and either stops
+the run (``--bad-lines fail``, the default) or goes to ``rejects.jsonl`` (``skip``).
+
+Instruction rows become token rows whose targets are ``-100`` (ignored by the loss) except on
+assistant content and its ``<|end|>``. With packing, whole examples are laid end to end in
+rows of ``context`` tokens; an example is never split. Batches are a pure function of
+``(seed, step, micro)`` (epoch-wise permutations), so a resumed run sees the same batches.
+
+    >>> recs, rejects = read_jsonl("data/sample/tasks/train.jsonl", kind="instruction", bad_lines="fail")
+    >>> data = SFTData.build(recs, tok, context=256, batch_size=16, seed=0, val_fraction=0.05)
+    >>> x, y = data.batch(step=0, micro=0)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from dsk.data.tokenizer import CHAT_ROLES, Tokenizer
+from dsk.errors import DskError
+
+IGNORE = -100
+Kind = Literal["instruction", "preference"]
+
+
+@dataclass
+class Record:
+    """One usable line: a conversation (instruction), or a prompt with two answers (preference)."""
+
+    line: int
+    messages: list[dict]  # instruction: the whole chat; preference: the prompt turns only
+    chosen: str | None = None
+    rejected: str | None = None
+
+    @property
+    def prompt_messages(self) -> list[dict]:
+        """The turns before the last assistant answer (what a model is asked)."""
+        if self.chosen is not None:
+            return self.messages
+        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
+        return self.messages[:last]
+
+    @property
+    def answer(self) -> str:
+        if self.chosen is not None:
+            return self.chosen
+        return [m for m in self.messages if m["role"] == "assistant"][-1]["content"]
+
+
+class BadLine(Exception):
+    pass
+
+
+def _messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise BadLine("'messages' must be a non-empty list of {role, content}")
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or set(m) - {"role", "content", "name"} or "role" not in m or "content" not in m:
+            raise BadLine(f"message {i} must be an object with 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise BadLine(f"message {i}: role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise BadLine(f"message {i}: content must be a string")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(row: dict, key: str) -> str:
+    if not isinstance(row.get(key), str):
+        raise BadLine(f"{key!r} must be a string")
+    return row[key]
+
+
+def _prompt_turns(row: dict) -> list[dict]:
+    turns = []
+    if "system" in row:
+        turns.append({"role": "system", "content": _text(row, "system")})
+    turns.append({"role": "user", "content": _text(row, "prompt")})
+    return turns
+
+
+def parse_line(text: str, kind: Kind, line: int) -> Record:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadLine(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise BadLine("expected a JSON object")
+    if kind == "preference":
+        missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+        if missing:
+            raise BadLine(f"a preference row needs prompt, chosen and rejected; {missing[0]!r} is missing")
+        return Record(line, _prompt_turns(row), chosen=_text(row, "chosen"), rejected=_text(row, "rejected"))
+    if "messages" in row:
+        messages = _messages(row["messages"])
+        if not any(m["role"] == "assistant" for m in messages):
+            raise BadLine("the conversation has no assistant turn, so there is nothing to learn")
+        return Record(line, messages)
+    if "prompt" in row and "response" in row:
+        return Record(line, [*_prompt_turns(row), {"role": "assistant", "content": _text(row, "response")}])
+    if "chosen" in row:
+        raise BadLine("this is a preference row; use --method dpo for {prompt, chosen, rejected} data")
+    raise BadLine("expected {\"messages\": [...]} or {\"prompt\": ..., \"response\": ...}")
+
+
+def read_jsonl(path: str | Path, *, kind: Kind, bad_lines: str) -> tuple[list[Record], list[dict]]:
+    """Parse every line; returns (records, rejects). ``bad_lines="fail"`` raises on the first problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise DskError(f"data file {str(path)!r} does not exist; pass --data PATH to a JSONL file")
+    records: list[Record] = []
+    rejects: list[dict] = []
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DskError(f"{p}: not UTF-8 text (byte {exc.start}); save the file as UTF-8 JSONL") from None
+    for i, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            records.append(parse_line(text, kind, i))
+        except BadLine as exc:
+            reject(p, i, str(exc), text, bad_lines, rejects)
+    if not records:
+        why = f"all {len(rejects)} lines were rejected" if rejects else "it is empty"
+        raise DskError(f"{p}: no usable {kind} examples ({why}); see the format with `dsk finetune --show-template`")
+    return records, rejects
+
+
+def reject(path: Path, line: int, reason: str, text: str, bad_lines: str, rejects: list[dict]) -> None:
+    if bad_lines == "fail":
+        raise DskError(f"{path}:{line}: {reason}; fix the line or pass --bad-lines skip")
+    rejects.append({"line": line, "reason": reason, "text": text[:500]})
+
+
+# --------------------------------------------------------------------------- tokenising
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    mask: list[int]  # 1 where the loss applies
+    record: Record
+    target_bytes: int  # UTF-8 bytes of the trained text (for bits per byte)
+
+
+def encode_instructions(records: Sequence[Record], tok: Tokenizer, *, context: int, path: Path,
+                        bad_lines: str, rejects: list[dict]) -> list[Encoded]:
+    out = []
+    for r in records:
+        ids, mask = tok.format_chat(r.messages)
+        if len(ids) > context:
+            reject(path, r.line, f"the example is {len(ids)} tokens, longer than the context of {context} "
+                   f"(shorten it, or raise --context up to the model's max_seq_len)", json.dumps(r.messages), bad_lines, rejects)
+            continue
+        nbytes = sum(len(m["content"].encode()) for m in r.messages if m["role"] == "assistant")
+        out.append(Encoded(ids, mask, r, nbytes))
+    return out
+
+
+def encode_preferences(records: Sequence[Record], tok: Tokenizer, *, context: int, path: Path,
+                       bad_lines: str, rejects: list[dict]) -> list[tuple[Encoded, Encoded]]:
+    out = []
+    for r in records:
+        pair = []
+        for answer in (r.chosen, r.rejected):
+            ids, mask = tok.format_chat([*r.messages, {"role": "assistant", "content": answer}])
+            pair.append(Encoded(ids, mask, r, len(answer.encode())))
+        longest = max(len(e.ids) for e in pair)
+        if longest > context:
+            reject(path, r.line, f"the pair is {longest} tokens, longer than the context of {context} "
+                   f"(shorten it, or raise --context up to the model's max_seq_len)", r.messages[-1]["content"], bad_lines, rejects)
+            continue
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded (train, val) split; val gets round(n * fraction) items, at least one if fraction > 0."""
+    n = len(items)
+    n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
+    order = np.random.default_rng([seed, 7919]).permutation(n)
+    val_idx = set(order[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+
+
+def pack(examples: Sequence[Encoded], *, context: int, pad_id: int, packing: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [N, context] of token ids and labels (ids where trained, -100 elsewhere and on padding)."""
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for e in examples:
+        if ids and (not packing or len(ids) + len(e.ids) > context):
+            rows.append((ids, labels))
+            ids, labels = [], []
+        ids = ids + e.ids
+        labels = labels + [t if m else IGNORE for t, m in zip(e.ids, e.mask)]
+    if ids:
+        rows.append((ids, labels))
+    out_ids = np.full((len(rows), context), pad_id, dtype=np.int64)
+    out_labels = np.full((len(rows), context), IGNORE, dtype=np.int64)
+    for i, (r_ids, r_labels) in enumerate(rows):
+        out_ids[i, : len(r_ids)] = r_ids
+        out_labels[i, : len(r_labels)] = r_labels
+    return out_ids, out_labels
+
+
+def trim(ids: np.ndarray, labels: np.ndarray, *, at_least: int, pad_multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Drop padding columns no row uses (rounded up to a multiple of 8) so short data runs short rows."""
+    trained = (labels != IGNORE).any(axis=0).nonzero()[0]
+    used = max(at_least, int(trained.max()) + 1 if len(trained) else 2)
+    width = min(ids.shape[1], math.ceil(used / pad_multiple) * pad_multiple)
+    return ids[:, :width], labels[:, :width]
+
+
+@dataclass
+class _Order:
+    """Epoch-wise permutations of n rows: position k of the stream -> row index."""
+
+    n: int
+    seed: int
+    _cache: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def __call__(self, k: int) -> int:
+        epoch = k // self.n
+        if epoch not in self._cache:
+            self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return int(self._cache[epoch][k % self.n])
+
+
+def _xy(ids: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(ids[:, :-1].copy()), torch.from_numpy(labels[:, 1:].copy())
+
+
+@dataclass
+class SFTData:
+    """Packed instruction rows for :func:`dsk.train.train` (``batch``, ``val_batches``, ``bits_per_byte``)."""
+
+    train_ids: np.ndarray
+    train_labels: np.ndarray
+    val_ids: np.ndarray
+    val_labels: np.ndarray
+    batch_size: int
+    grad_accum: int
+    seed: int
+    val_target_bytes: int
+    n_train_examples: int
+    n_val_examples: int
+
+    def __post_init__(self) -> None:
+        self._order = _Order(len(self.train_ids), self.seed)
+
+    @classmethod
+    def build(cls, train: Sequence[Encoded], val: Sequence[Encoded], *, context: int, pad_id: int, packing: bool,
+              batch_size: int, grad_accum: int, seed: int) -> "SFTData":
+        order = np.random.default_rng([seed, 104729]).permutation(len(train))
+        longest_val = max((len(e.ids) for e in val), default=2)
+        t_ids, t_labels = trim(*pack([train[i] for i in order], context=context, pad_id=pad_id, packing=packing),
+                               at_least=longest_val)
+        if val:
+            v_ids, v_labels = pack(val, context=t_ids.shape[1], pad_id=pad_id, packing=packing)
+        else:
+            v_ids, v_labels = t_ids[:0], t_labels[:0]
+        return cls(t_ids, t_labels, v_ids, v_labels, batch_size, grad_accum, seed,
+                   sum(e.target_bytes for e in val), len(train), len(val))
+
+    @property
+    def context(self) -> int:
+        return int(self.train_ids.shape[1]) - 1
+
+    @property
+    def n_train_rows(self) -> int:
+        return int(self.train_ids.shape[0])
+
+    @property
+    def n_val_targets(self) -> int:
+        return int((self.val_labels[:, 1:] != IGNORE).sum())
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        start = (step * self.grad_accum + micro) * self.batch_size
+        idx = [self._order(k) for k in range(start, start + self.batch_size)]
+        return _xy(self.train_ids[idx], self.train_labels[idx])
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ids, labels = (self.val_ids, self.val_labels) if len(self.val_ids) else (self.train_ids, self.train_labels)
+        for i in range(0, len(ids), self.batch_size):
+            yield _xy(ids[i : i + self.batch_size], labels[i : i + self.batch_size])
+
+    def bits_per_byte(self, loss_nats_per_token: float) -> float:
+        """Validation loss per byte of the assistant text (nan without a validation split)."""
+        if not self.val_target_bytes:
+            return float("nan")
+        return loss_nats_per_token * self.n_val_targets / (math.log(2) * self.val_target_bytes)
+
+
+@dataclass
+class PreferenceData:
+    """Preference pairs for DPO: ``batch`` stacks B chosen rows over the same B rejected rows.
+
+    ``val_batches`` yields the held-out *chosen* rows, so the loop's validation loss is the
+    SFT loss on preferred answers (it should not blow up while DPO pushes the margin).
+    """
+
+    chosen_ids: np.ndarray
+    chosen_labels: np.ndarray
+    rejected_ids: np.ndarray
+    rejected_labels: np.ndarray
+    val_pairs: list[tuple[Encoded, Encoded]]
+    batch_size: int
+    grad_accum: int
+    seed: int
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        self._order = _Order(len(self.chosen_ids), self.seed)
+        self._val = pack([c for c, _ in self.val_pairs], context=self.chosen_ids.shape[1], pad_id=self.pad_id, packing=False)
+
+    @classmethod
+    def build(cls, train: Sequence[tuple[Encoded, Encoded]], val: Sequence[tuple[Encoded, Encoded]], *, pad_id: int,
+              batch_size: int, grad_accum: int, seed: int) -> "PreferenceData":
+        width = max(len(e.ids) for pair in [*train, *val] for e in pair) + 1
+        c_ids, c_labels = pack([c for c, _ in train], context=width, pad_id=pad_id, packing=False)
+        r_ids, r_labels = pack([r for _, r in train], context=width, pad_id=pad_id, packing=False)
+        return cls(c_ids, c_labels, r_ids, r_labels, list(val), batch_size, grad_accum, seed, pad_id)
+
+    @property
+    def context(self) -> int:
+        return int(self.chosen_ids.shape[1]) - 1
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        start = (step * self.grad_accum + micro) * self.batch_size
+        idx = [self._order(k) for k in range(start, start + self.batch_size)]
+        ids = np.concatenate([self.chosen_ids[idx], self.rejected_ids[idx]])
+        labels = np.concatenate([self.chosen_labels[idx], self.rejected_labels[idx]])
+        return _xy(ids, labels)
+
+    def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        ids, labels = self._val if self.val_pairs else (self.chosen_ids, self.chosen_labels)
+        for i in range(0, len(ids), self.batch_size):
+            yield _xy(ids[i : i + self.batch_size], labels[i : i + self.batch_size])
+
+    def bits_per_byte(self, loss_nats_per_token: float) -> float:
+        pairs = self.val_pairs
+        if not pairs:
+            return float("nan")
+        n_targets = int((self._val[1][:, 1:] != IGNORE).sum())
+        return loss_nats_per_token * n_targets / (math.log(2) * sum(c.target_bytes for c, _ in pairs))

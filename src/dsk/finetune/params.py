@@ -1,0 +1,66 @@
+"""`dsk finetune` parameters: the data, the method (lora | full | dpo), LoRA and DPO knobs, and
+the training recipe handed to the shared loop in :mod:`dsk.train`."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field
+
+from dsk.config import StageParams
+
+Target = Literal["attn", "mlp", "experts"]
+
+# the peak learning rate when --lr is not given: adapters tolerate (and need) a larger step
+DEFAULT_LR = {"lora": 2e-3, "full": 5e-4, "dpo": 5e-4}
+
+
+class Params(StageParams):
+    data: Optional[str] = Field(
+        None,
+        description="JSONL file: instructions ({messages: [...]} or {prompt, response}), or for --method dpo "
+        "preferences ({prompt, chosen, rejected}). Hashed by content into the artifact id.",
+    )
+    method: Literal["lora", "full", "dpo"] = Field(
+        "lora", description="lora: train adapters on a frozen base; full: train every weight; dpo: preference tuning."
+    )
+    merge: bool = Field(False, description="Fold the LoRA adapters into the base weights: the artifact is a plain model.")
+    lora_rank: int = Field(8, ge=1, le=1024, description="LoRA rank r.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha; adapters are scaled by alpha / rank.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapters' input.")
+    lora_targets: list[Target] = Field(
+        default_factory=lambda: ["attn"],
+        description="Where adapters go: attn (attention projections), mlp (dense SwiGLU + shared experts), "
+        "experts (routed experts), e.g. '[attn, mlp]'.",
+    )
+    dpo_train: Literal["lora", "full"] = Field("lora", description="dpo: train LoRA adapters (with the lora_* settings) or every weight.")
+    beta: float = Field(0.1, gt=0, description="dpo: strength of the KL anchor to the reference (the input SFT model).")
+    context: Optional[int] = Field(None, ge=8, description="Tokens per training row (default: the base model's max_seq_len).")
+    packing: bool = Field(True, description="Pack several short examples into one row (no example is ever split).")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the examples held out for validation loss and exact match.")
+    bad_lines: Literal["fail", "skip"] = Field(
+        "fail", description="A malformed line, a chat without an assistant turn, or an over-long example: fail, or skip it (to rejects.jsonl)."
+    )
+    max_steps: int = Field(200, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Rows per micro-batch (dpo: preference pairs).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate (default: 2e-3 lora, 5e-4 full and dpo).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay of trained matrices.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    optimizer: Literal["adamw", "lion"] = Field("adamw", description="Optimizer.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast, or fp16 autocast with loss scaling.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device; auto picks cuda, then mps, then cpu.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
+    eval_examples: int = Field(64, ge=0, description="Validation examples scored by exact match of a greedy answer at the end (dpo: pairs scored).")
+    max_new_tokens: int = Field(32, ge=1, description="Longest generated answer when scoring exact match.")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = off); used by --resume.")
+    checkpoint_every_minutes: float = Field(10.0, ge=0, description="Checkpoint every N minutes (0 = off).")
+    keep_checkpoints: int = Field(2, ge=1, description="Keep the last N checkpoints.")
+    max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
