@@ -179,6 +179,8 @@ def create_app(
     """The FastAPI app around a started-on-demand ``engine`` (None for a table-only server)."""
     keys = KeyChecker(list(config.api_keys))
     audit = audit or AuditLog(None)
+    if content_filter is None and engine is not None:
+        content_filter = engine.content_filter
     metrics = Metrics(engine)
     jobs: dict[str, Job] = {}
     served = {config.model_name, *config.aliases}

@@ -47,11 +47,13 @@ def load_engine(
     if not (path / "model.safetensors").is_file():
         raise DskError(f"{str(path)!r} holds no model.safetensors; serve a pretrain, finetune or quantize artifact")
     device = pick_device(device)
-    model, tokenizer, _cfg = load_model(path, device=device)
+    model, _hf_tokenizer, _cfg = load_model(path, device=device)
     model.eval()
     if device == "cuda":
         model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
-    codec = TextCodec(tokenizer)
+    if not (path / "tokenizer.json").is_file():
+        raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+    codec = TextCodec.from_artifact(path)
     engine = Engine(model, codec, max_batch_size=max_batch_size, max_queue=max_queue,
                     content_filter=content_filter, device=device)
     return engine, codec

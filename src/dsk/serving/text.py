@@ -1,62 +1,48 @@
 """Text in and out of the engine: prompt encoding, chat formatting, decoding, stop tokens.
 
-Wraps the model artifact's tokenizer (a Hugging Face ``tokenizers.Tokenizer`` from
-``tokenizer.json``). Chat messages are rendered with the project's chat template
-(``dsk.data.tokenizer.format_chat``) so that serving formats turns exactly like finetuning did.
+Wraps the model artifact's tokenizer (``dsk.data.tokenizer.Tokenizer`` over its
+``tokenizer.json``). Chat messages go through the same ``format_chat`` that finetuning uses,
+so the served model sees turns exactly as it was trained on them. Special tokens are control
+tokens, never text: generating any of them (``<|end|>`` closing the assistant's turn,
+``<|endoftext|>`` closing a document, or the start of another turn) ends the sequence.
 
-    >>> codec = TextCodec(tokenizer)
+    >>> codec = TextCodec.from_artifact(".dsk/artifacts/pretrain/<id>")
     >>> ids = codec.chat_ids([{"role": "user", "content": "Hi"}])
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
-
-from dsk.errors import DskError
-
-# special tokens that end a generation: the end of a document or of the assistant's turn, or
-# the start of another turn (a model that skips the end-of-turn token still stops there)
-STOP_TOKEN_NAMES = ("eot", "eos", "end", "user", "system")
 
 
 class TextCodec:
     def __init__(self, tokenizer: Any):
-        if tokenizer is None:
-            raise DskError("the model artifact has no tokenizer.json; serve a pretrain/finetune artifact")
         self.tokenizer = tokenizer
-        self.special = special_tokens(tokenizer)
-        self.stop_ids = frozenset(i for name, i in self.special.items() if name in STOP_TOKEN_NAMES)
+        self.special: dict[str, int] = dict(tokenizer.special)
+        self.stop_ids = frozenset(self.special.values())
+
+    @classmethod
+    def from_artifact(cls, path: str | Path) -> "TextCodec":
+        from dsk.data.tokenizer import load_tokenizer
+
+        return cls(load_tokenizer(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.vocab_size)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer.encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def completion_ids(self, prompt: str) -> list[int]:
         """A raw-text prompt; an empty one starts a fresh document after the end-of-text token."""
-        ids = self.encode(prompt)
-        if not ids:
-            first = self.special.get("eot", self.special.get("bos"))
-            ids = [first] if first is not None else []
-        return ids
+        return self.encode(prompt) or [self.tokenizer.eot_id]
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt for an assistant reply to ``messages`` (the assistant turn left open)."""
-        from dsk.data.tokenizer import format_chat
-
-        return list(format_chat(self.tokenizer, messages, add_generation_prompt=True))
-
-
-def special_tokens(tokenizer: Any) -> dict[str, int]:
-    """Map short names (eot, bos, pad, system, user, assistant, end) to ids of the added tokens."""
-    found: dict[str, int] = {}
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    for token, idx in vocab.items():
-        if not (token.startswith("<|") and token.endswith("|>")):
-            continue
-        name = token[2:-2].lower()
-        name = {"endoftext": "eot", "end_of_text": "eot", "eos": "eot", "begin_of_text": "bos",
-                "startoftext": "bos", "im_end": "end", "end_of_turn": "end", "eot_id": "end"}.get(name, name)
-        found[name] = idx
-    return found
+        """The prompt for the assistant's reply to ``messages`` (an open assistant turn)."""
+        ids, _mask = self.tokenizer.format_chat(messages, add_generation_prompt=True)
+        return list(ids)
