@@ -290,26 +290,33 @@ def create_app(
 
     async def run_to_end(request: Request | None, events: asyncio.Queue[Event], handle: Any, n: int,
                          started: float, endpoint: str) -> Result:
-        """Collect events; cancel the request if the client disconnects while waiting."""
+        """Collect events; cancel the request at once if the client disconnects while waiting."""
+        watcher = asyncio.create_task(cancel_on_disconnect(request, handle)) if request is not None else None
         got: list[Event] = []
         first = None
-        while True:
-            try:
-                ev = await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    handle.cancel()
-                    raise asyncio.CancelledError("client disconnected")
-                continue
-            if ev.kind == "delta" and first is None:
-                first = time.monotonic()
-                metrics.ttft.observe(first - started)
-            got.append(ev)
-            if ev.kind in ("done", "error"):
-                break
+        try:
+            while True:
+                ev = await events.get()
+                if ev.kind == "delta" and first is None:
+                    first = time.monotonic()
+                    metrics.ttft.observe(first - started)
+                got.append(ev)
+                if ev.kind in ("done", "error"):
+                    break
+        finally:
+            if watcher is not None:
+                watcher.cancel()
         result = collect(iter(got), n=n, request=handle)
         metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         return result
+
+    async def cancel_on_disconnect(request: Request, handle: Any) -> None:
+        # the body has been read, so the next ASGI message can only be the client leaving
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                handle.cancel()
+                return
 
     def result_error(result: Result) -> ApiError | None:
         if result.error:

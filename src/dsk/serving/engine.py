@@ -423,17 +423,18 @@ class Engine:
             if at != -1 and (cut is None or at < cut):
                 cut, finish = at, "stop"
         if self.content_filter is not None:
-            hit = self.content_filter.check(text if cut is None else text[:cut])
+            hit = self.content_filter.check(text if cut is None else text[:cut], final=finish is not None)
             if hit is not None:
                 cut, finish = hit.start, "content_filter"
         if cut is not None:
             text = text[:cut]
         c.text = text
         if finish is None:
-            # hold back what could still turn into a stop string or a blocked word, and a
+            # send only what can no longer become a stop string or a blocked word, and not a
             # trailing partial UTF-8 character
-            hold = max([len(s) - 1 for s in p.stop] + [self.content_filter.holdback if self.content_filter else 0])
-            safe = len(text) - hold
+            safe = len(text) - max([_partial_suffix(text, s) for s in p.stop] + [0])
+            if self.content_filter is not None:
+                safe = min(safe, self.content_filter.safe_length(text))
             while safe > c.emitted and text[safe - 1] == "\ufffd":
                 safe -= 1
             if safe > c.emitted:
@@ -478,6 +479,14 @@ class Engine:
         self._running = []
         for req in [*requests.values(), *waiting]:
             self._emit(req, Event("error", text=message, code=code))
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``stop``."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
 
 
 def iter_queue(events: "queue.Queue[Event]") -> Iterator[Event]:

@@ -5,21 +5,22 @@ One entry per line; blank lines and lines starting with ``#`` are skipped. A lin
 case-insensitively on word boundaries. A prompt that matches is refused (HTTP 400 with the
 rule); generated text is checked as it streams and cut before the first match.
 
+Streaming uses the `regex` module's partial matching: only a tail of the text that could
+still grow into a match is held back, so a filter costs no streaming delay on ordinary text
+(Python's `re` cannot tell "could still match", which would force a fixed hold-back window).
+
     $ printf 'badword\\nre:\\b\\d{3}-\\d{2}-\\d{4}\\b\\n' > blocklist.txt
     $ dsk serve --blocklist blocklist.txt
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsk.errors import DskError
+import regex
 
-# Streamed output keeps this many characters back (besides the longest literal) so that a regex
-# match spanning two chunks is caught before any of it is sent.
-REGEX_HOLDBACK = 64
+from dsk.errors import DskError
 
 
 @dataclass(frozen=True)
@@ -31,34 +32,29 @@ class FilterMatch:
 
 
 class ContentFilter:
-    def __init__(self, rules: list[tuple[str, int, re.Pattern[str]]], literal_max: int, has_regex: bool):
+    def __init__(self, rules: list[tuple[str, int, "regex.Pattern[str]"]]):
         self.rules = rules
-        self.holdback = max(literal_max - 1, 0) + (REGEX_HOLDBACK if has_regex else 0)
 
     @classmethod
     def from_lines(cls, lines: list[str], *, where: str = "blocklist") -> "ContentFilter":
-        rules: list[tuple[str, int, re.Pattern[str]]] = []
-        literal_max = 0
-        has_regex = False
+        rules = []
         for number, raw in enumerate(lines, start=1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
             if line.startswith("re:"):
-                pattern = line[3:]
+                pattern = raw.rstrip("\r\n").lstrip()[3:]  # a regex keeps its trailing spaces
                 try:
-                    compiled = re.compile(pattern, re.IGNORECASE)
-                except re.error as exc:
+                    compiled = regex.compile(pattern, regex.IGNORECASE | regex.V0)
+                except regex.error as exc:
                     raise DskError(f"{where} line {number}: bad regular expression {pattern!r}: {exc}") from None
-                has_regex = True
             else:
-                # \b only where the phrase starts/ends with a word character, so "c++" still works
-                left = r"\b" if re.match(r"\w", line) else ""
-                right = r"\b" if re.search(r"\w$", line) else ""
-                compiled = re.compile(left + re.escape(line) + right, re.IGNORECASE)
-                literal_max = max(literal_max, len(line))
+                # \b only where the phrase starts/ends with a word character, so "c++" works too
+                left = r"\b" if regex.match(r"\w", line) else ""
+                right = r"\b" if regex.search(r"\w$", line) else ""
+                compiled = regex.compile(left + regex.escape(line) + right, regex.IGNORECASE)
             rules.append((line, number, compiled))
-        return cls(rules, literal_max, has_regex)
+        return cls(rules)
 
     @classmethod
     def load(cls, path: str | Path) -> "ContentFilter":
@@ -74,11 +70,28 @@ class ContentFilter:
     def __len__(self) -> int:
         return len(self.rules)
 
-    def check(self, text: str, start: int = 0) -> FilterMatch | None:
-        """The earliest match in ``text[start:]`` (positions relative to ``text``), or None."""
+    def check(self, text: str, *, final: bool = True) -> FilterMatch | None:
+        """The earliest match in ``text``, or None.
+
+        With ``final=False`` (text still growing) a match that touches the end of the text is
+        not reported yet: more text may turn it into a non-match ("badword" → "badwords").
+        """
         best: FilterMatch | None = None
         for rule, number, pattern in self.rules:
-            m = pattern.search(text, start)
-            if m and (best is None or m.start() < best.start):
-                best = FilterMatch(rule, number, m.start(), m.end())
+            for m in pattern.finditer(text, overlapped=False):
+                if not final and m.end() == len(text):
+                    break
+                if best is None or m.start() < best.start:
+                    best = FilterMatch(rule, number, m.start(), m.end())
+                break
         return best
+
+    def safe_length(self, text: str) -> int:
+        """How much of a growing ``text`` can be sent now: up to where a match could still start."""
+        safe = len(text)
+        for _rule, _number, pattern in self.rules:
+            for m in pattern.finditer(text, partial=True):
+                if m.partial or m.end() == len(text):
+                    safe = min(safe, m.start())
+                    break
+        return safe
