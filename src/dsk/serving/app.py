@@ -13,6 +13,7 @@ Every ``/v1/*`` call needs ``Authorization: Bearer KEY`` when keys are configure
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import secrets
@@ -26,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from dsk.errors import DskError
 from dsk.serving.audit import AuditLog
 from dsk.serving.auth import KeyChecker
 from dsk.serving.engine import Engine, Event, QueueFull, Result, collect
@@ -206,6 +208,10 @@ def create_app(
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(DskError)
+    async def _dsk_error(request: Request, exc: DskError) -> JSONResponse:
+        return ApiError(400, str(exc)).response()
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         err = exc.errors()[0] if exc.errors() else {}
@@ -270,7 +276,10 @@ def create_app(
         ids = codec.chat_ids(messages)
         eng = require_engine()
         max_tokens = body.max_completion_tokens or body.max_tokens or max(eng.max_len - len(ids), 1)
-        return ids, body.sampling(max_tokens), messages
+        params = body.sampling(max_tokens)
+        if codec.chat_stop:
+            params = dataclasses.replace(params, stop=tuple(dict.fromkeys(params.stop + codec.chat_stop)))
+        return ids, params, messages
 
     def submit(request: Request, ids: list[int], params: SamplingParams, n: int,
                on_event: Callable[[Event], None], param: str) -> Any:

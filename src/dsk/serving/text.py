@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 
+CHAT_TOKENS = ("bos", "system", "user", "assistant", "end")
+
+
 class TextCodec:
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -42,7 +45,24 @@ class TextCodec:
         """A raw-text prompt; an empty one starts a fresh document after the end-of-text token."""
         return self.encode(prompt) or [self.tokenizer.eot_id]
 
+    @property
+    def has_chat_tokens(self) -> bool:
+        return all(name in self.special for name in CHAT_TOKENS)
+
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt for the assistant's reply to ``messages`` (an open assistant turn)."""
-        ids, _mask = self.tokenizer.format_chat(messages, add_generation_prompt=True)
-        return list(ids)
+        """The prompt for the assistant's reply to ``messages`` (an open assistant turn).
+
+        A tokenizer without the chat tokens (not trained by `dsk featurize`) gets a plain-text
+        transcript instead ("User: ...\nAssistant:"), and :attr:`chat_stop` ends the reply
+        where the model starts the next turn.
+        """
+        if self.has_chat_tokens:
+            ids, _mask = self.tokenizer.format_chat(messages, add_generation_prompt=True)
+            return list(ids)
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+        return self.encode("\n".join(lines) + "\nAssistant:")
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Extra stop strings for chats (only the plain-text transcript needs them)."""
+        return () if self.has_chat_tokens else ("\nUser:", "\nSystem:")
