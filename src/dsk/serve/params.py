@@ -17,6 +17,9 @@ class Params(StageParams):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
     backend: Literal["torch", "onnx"] = Field("torch", description="Inference backend.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    threads: int = Field(
+        0, ge=0, description="torch CPU threads (0 = torch's default; 1 is best on a busy few-core machine)."
+    )
     model_name: Optional[str] = Field(
         None, description="Model id clients send and /v1/models lists (default: the artifact id; 'dsk' also works)."
     )

@@ -53,6 +53,10 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
 
     store = store or Store.open()
     art = resolve_model(store, source)
+    if params.threads:
+        import torch
+
+        torch.set_num_threads(params.threads)
     if params.smoke_test:
         from dsk.serving.smoke import smoke_test
 
