@@ -223,35 +223,41 @@ def wait_idle(url: str, timeout_s: float = 120) -> None:
         time.sleep(0.1)
 
 
-def bench_server(home: Path, model_id: str, *, max_batch_size: int, device: str, clients: list[int],
-                 duration: float, max_tokens: int, threads: int) -> list[dict]:
-    import httpx
+class Server:
+    """One `dsk serve` process on a free port."""
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = start_server(home, model_id, max_batch_size=max_batch_size, device=device, port=port, threads=threads)
-    try:
-        wait_up(proc, url)
-        # warm-up: first calls pay for lazy initialisation
-        for _ in range(2):
-            httpx.post(url + "/v1/chat/completions", timeout=600, json={
-                "model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).raise_for_status()
-        phases = []
-        for n in clients:
-            wait_idle(url)
-            result = asyncio.run(run_phase(url, model_id, n, duration, max_tokens))
-            result["max_batch_size"] = max_batch_size
-            print(f"  batch≤{max_batch_size:<3} clients={n:<3} {result['tokens_per_s']:>8.1f} tok/s  "
-                  f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
-                  f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB", flush=True)
-            phases.append(result)
-        return phases
-    finally:
-        proc.terminate()
+    def __init__(self, home: Path, model_id: str, *, max_batch_size: int, device: str, threads: int):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.max_batch_size = max_batch_size
+        self.model_id = model_id
+        self.proc = start_server(home, model_id, max_batch_size=max_batch_size, device=device, port=self.port,
+                                 threads=threads)
+
+    def warm_up(self) -> None:
+        import httpx
+
+        wait_up(self.proc, self.url)
+        for _ in range(2):  # first calls pay for lazy initialisation
+            httpx.post(self.url + "/v1/chat/completions", timeout=600, json={
+                "model": self.model_id, "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 8}).raise_for_status()
+
+    def phase(self, clients: int, duration: float, max_tokens: int) -> dict:
+        wait_idle(self.url)
+        result = asyncio.run(run_phase(self.url, self.model_id, clients, duration, max_tokens))
+        result["max_batch_size"] = self.max_batch_size
+        print(f"  batch≤{self.max_batch_size:<3} clients={clients:<3} {result['tokens_per_s']:>8.1f} tok/s  "
+              f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
+              f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB", flush=True)
+        return result
+
+    def stop(self) -> None:
+        self.proc.terminate()
         try:
-            proc.wait(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            self.proc.kill()
 
 
 def fmt(v: float | None) -> str:
@@ -329,10 +335,23 @@ def main() -> int:
         cfg = ModelConfig.from_dict(json.loads((art.path / "config.json").read_text()))
         print(f"model {model_id}: preset {args.preset}, {art.metrics['params'] / 1e6:.1f}M params; "
               f"device {args.device}", flush=True)
-        common = dict(device=args.device, clients=clients, duration=args.duration, max_tokens=args.max_tokens,
-                  threads=args.threads)
-        batched = bench_server(home, model_id, max_batch_size=args.max_batch_size, **common)
-        baseline = [] if args.skip_baseline else bench_server(home, model_id, max_batch_size=1, **common)
+        # both servers stay up (an idle one costs no CPU) and their phases alternate, so that
+        # each pair of numbers compared was measured at nearly the same time on a shared machine
+        servers = [Server(home, model_id, max_batch_size=args.max_batch_size, device=args.device,
+                          threads=args.threads)]
+        if not args.skip_baseline:
+            servers.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads))
+        batched, baseline = [], []
+        try:
+            for server in servers:
+                server.warm_up()
+            for n in clients:
+                batched.append(servers[0].phase(n, args.duration, args.max_tokens))
+                if len(servers) > 1:
+                    baseline.append(servers[1].phase(n, args.duration, args.max_tokens))
+        finally:
+            for server in servers:
+                server.stop()
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
         if args.device == "cuda":
             import torch

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class Job:
     error: dict[str, Any] | None = None
     finished: float | None = None
     request: Any = None
+    task: Any = None
 
 
 @dataclass
@@ -273,8 +275,8 @@ def create_app(
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         check_prompt([m["content"] for m in messages], "messages")
-        ids = codec.chat_ids(messages)
         eng = require_engine()
+        ids = codec.chat_ids(messages)
         max_tokens = body.max_completion_tokens or body.max_tokens or max(eng.max_len - len(ids), 1)
         params = body.sampling(max_tokens)
         if codec.chat_stop:
@@ -293,9 +295,17 @@ def create_app(
             raise ApiError(400, str(exc), param=name, code="context_length_exceeded" if "context" in str(exc) else None) from None
 
     def async_queue() -> tuple[asyncio.Queue[Event], Callable[[Event], None]]:
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
-        return events, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+        return events, bridge(events.put_nowait)
+
+    bridges: dict[int, LoopBridge] = {}
+
+    def bridge(deliver: Callable[[Event], None]) -> Callable[[Event], None]:
+        loop = asyncio.get_running_loop()
+        b = bridges.get(id(loop))
+        if b is None or b.loop is not loop:
+            b = bridges[id(loop)] = LoopBridge(loop)
+        return lambda ev: b.send(deliver, ev)
 
     async def run_to_end(request: Request | None, events: asyncio.Queue[Event], handle: Any, n: int,
                          started: float, endpoint: str) -> Result:
@@ -488,14 +498,10 @@ def create_app(
             await asyncio.sleep(max(min(config.job_ttl_s / 4, 30.0), 0.05))
             expire_jobs()
 
-    async def run_job(job: Job, kind: str, ids: list[int], params: SamplingParams, n: int,
-                      events: asyncio.Queue[Event], handle: Any) -> None:
+    async def run_job(job: Job, kind: str, n: int, events: asyncio.Queue[Event], handle: Any) -> None:
         started = time.monotonic()
         job.request = handle
         try:
-            first = await events.get()
-            job.status = "running"
-            await events.put(first)
             result = await run_to_end(None, events, handle, n, started, "/v1/jobs")
             err = result_error(result)
             if err is not None:
@@ -538,11 +544,18 @@ def create_app(
         job = Job(id="job-" + secrets.token_hex(12), key_id=kid,
                   endpoint="/v1/completions" if kind == "completion" else "/v1/chat/completions",
                   created=time.time())
-        events, on_event = async_queue()
-        handle = submit(request, ids, params, body.n, on_event, "prompt" if kind == "completion" else "messages")
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def deliver(ev: Event) -> None:
+            if job.status == "queued":
+                job.status = "running"  # the engine has admitted it
+            events.put_nowait(ev)
+
+        handle = submit(request, ids, params, body.n, bridge(deliver),
+                        "prompt" if kind == "completion" else "messages")
         jobs[job.id] = job
         job.request = handle
-        asyncio.create_task(run_job(job, kind, ids, params, body.n, events, handle))
+        job.task = asyncio.create_task(run_job(job, kind, body.n, events, handle))  # held: tasks are weakly referenced
         note(request, job_id=job.id)
         return JSONResponse(job_view(job), status_code=202)
 
@@ -580,6 +593,36 @@ def create_app(
     app.add_middleware(AuditMiddleware, audit=audit, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     return app
+
+
+class LoopBridge:
+    """Hands engine events (engine thread) to the event loop with one wake-up per burst.
+
+    A decode step emits one event per running sequence; waking the loop once per step rather
+    than once per event saves a self-pipe write and a loop iteration per token, and so GIL
+    time the engine thread would otherwise wait for.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: list[tuple[Callable[[Event], None], Event]] = []
+        self._scheduled = False
+        self._lock = threading.Lock()
+
+    def send(self, deliver: Callable[[Event], None], event: Event) -> None:
+        with self._lock:
+            self._pending.append((deliver, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._scheduled = False
+        for deliver, event in pending:
+            deliver(event)
 
 
 # --------------------------------------------------------------------------- ASGI middleware

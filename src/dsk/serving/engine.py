@@ -330,8 +330,8 @@ class Engine:
             req.open_choices = req.n
             self.prompt_tokens_total += len(req.prompt_ids)
         first_row = len(self._running)
+        self._running.extend(new)  # before the forward pass: if it fails, _fail_all answers them too
         logits = self._prefill(first_row, [c.request.prompt_ids for c in new])
-        self._running.extend(new)
         tokens = sample_next(logits, [c.sampler for c in new]).tolist()
         for c, tok in zip(new, tokens):
             self._append(c, tok)
