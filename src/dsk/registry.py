@@ -23,7 +23,7 @@ class StageSpec:
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("clean", "Clean raw text or tables: filters, PII, dedup, outliers, label issues.",
-              "dsk.clean", (), implemented=False, accepts_raw=True),
+              "dsk.clean", (), implemented=True, accepts_raw=True),
     StageSpec("augment", "Seeded, composable augmentation of text, images and time series.",
               "dsk.augment", ("clean",), implemented=False),
     StageSpec("featurize", "Tokenizer + token shards for text; engineered features for tables.",

@@ -1,0 +1,251 @@
+"""Near-duplicate detection: 64-bit SimHash with a block-permutation index, or MinHash-LSH.
+
+SimHash (Charikar 2002) maps a document's word shingles to one 64-bit fingerprint; documents
+whose fingerprints differ in at most k bits are near-duplicates. The index follows Manku, Jain
+and Das Sarma (2007): split the 64 bits into b blocks; two fingerprints within distance k agree
+exactly on at least b-k blocks, so one sorted table per choice of b-k blocks finds every such
+pair by grouping on those bits, and the cost grows near-linearly with the corpus instead of
+comparing all pairs. Pairs found are clustered with union-find.
+
+    $ dsk clean data/raw --method simhash --simhash-k 3 --shingle-size 2
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from typing import Iterable, Sequence
+
+import numpy as np
+
+WORD_RE = re.compile(r"\w+")
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def words_of(text: str) -> list[str]:
+    return WORD_RE.findall(text.lower())
+
+
+class WordHasher:
+    """Deterministic 64-bit word hashes, cached: Python's hash() of str is salted per process."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, words: list[str]) -> list[int]:
+        cache = self.cache
+        out = []
+        for w in words:
+            h = cache.get(w)
+            if h is None:
+                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                if len(cache) < 2_000_000:  # bounded: memory must not grow with the corpus
+                    cache[w] = h
+            out.append(h)
+        return out
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads combined word hashes over all 64 bits."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+_SHINGLE_MULTS = [np.uint64(((0x9E3779B97F4A7C15 * (2 * i + 1)) | 1) & 0xFFFFFFFFFFFFFFFF) for i in range(16)]
+
+
+def shingle_hashes(word_hashes: np.ndarray, doc_lengths: np.ndarray, shingle_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hashes of every run of ``shingle_size`` words inside each document, for a batch.
+
+    ``word_hashes`` is the concatenation of the documents' word hashes. Returns the shingle
+    hashes and the number of shingles per document. A document shorter than a shingle is one
+    shingle of all its words.
+    """
+    n_words = int(word_hashes.size)
+    if shingle_size == 1 or n_words == 0:
+        return _mix64(word_hashes.astype(np.uint64)), doc_lengths.astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+    ends = starts + doc_lengths
+    # the shingle beginning at word j combines words j..j+s-1 (position-weighted, so order counts)
+    padded = np.concatenate([word_hashes.astype(np.uint64), np.zeros(shingle_size, np.uint64)])
+    combined = np.zeros(n_words, np.uint64)
+    with np.errstate(over="ignore"):
+        for i in range(shingle_size):
+            combined = combined + padded[i:i + n_words] * _SHINGLE_MULTS[i]
+    # valid start positions: j + s <= end of its document, or the first word of a short document
+    doc_of_word = np.repeat(np.arange(len(doc_lengths)), doc_lengths)
+    pos = np.arange(n_words)
+    valid = pos + shingle_size <= ends[doc_of_word]
+    short = doc_lengths < shingle_size
+    if short.any():
+        # a short document: one shingle of all its words (zeros beyond the document are masked out)
+        for d in np.nonzero(short & (doc_lengths > 0))[0]:
+            s, e = starts[d], ends[d]
+            h = np.uint64(0)
+            with np.errstate(over="ignore"):
+                for i in range(e - s):
+                    h = h + np.uint64(word_hashes[s + i]) * _SHINGLE_MULTS[i]
+            combined[s] = h
+            valid[s] = True
+    counts = np.bincount(doc_of_word[valid], minlength=len(doc_lengths)).astype(np.int64)
+    return _mix64(combined[valid]), counts
+
+
+def simhash_batch(texts: Sequence[str], shingle_size: int, hasher: WordHasher | None = None) -> np.ndarray:
+    """64-bit SimHash fingerprints (uint64) of a batch of texts, vectorised over the batch."""
+    hasher = hasher or WordHasher()
+    lengths = np.empty(len(texts), np.int64)
+    flat: list[int] = []
+    for i, text in enumerate(texts):
+        w = hasher(words_of(text))
+        lengths[i] = len(w)
+        flat.extend(w)
+    word_hashes = np.array(flat, dtype=np.uint64)
+    sh, counts = shingle_hashes(word_hashes, lengths, shingle_size)
+    if sh.size == 0:
+        return np.zeros(len(texts), np.uint64)
+    # bit b of the fingerprint is the majority vote of bit b over the document's shingles
+    bits = np.unpackbits(sh.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    nonempty = counts > 0
+    votes = np.zeros((len(texts), 64), np.int32)
+    votes[nonempty] = np.add.reduceat(bits, offsets[nonempty], axis=0)
+    fp_bits = (2 * votes > counts[:, None]).astype(np.uint8)
+    return np.packbits(fp_bits, axis=1, bitorder="little").view(np.uint64).reshape(-1)
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(np.bitwise_xor(a, b))
+
+
+def _block_masks(n_blocks: int) -> list[np.uint64]:
+    bounds = np.linspace(0, 64, n_blocks + 1).round().astype(int)
+    return [np.uint64(((1 << int(hi)) - 1) ^ ((1 << int(lo)) - 1)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def simhash_pairs(fingerprints: np.ndarray, k: int, n_blocks: int) -> np.ndarray:
+    """All index pairs (i, j), i < j, whose fingerprints differ in at most ``k`` bits.
+
+    One table per choice of ``n_blocks - k`` blocks: sorting by those bits puts every pair
+    within distance k next to each other in at least one table (pigeonhole), so only runs of
+    equal keys are compared. Identical fingerprints are collapsed first so that a big cluster
+    of exact copies costs nothing.
+    """
+    fps = np.asarray(fingerprints, dtype=np.uint64)
+    uniq, inverse = np.unique(fps, return_inverse=True)
+    pairs: list[np.ndarray] = []
+    # documents sharing one fingerprint: chain each to the first of its group
+    order = np.argsort(inverse, kind="stable")
+    inv_sorted = inverse[order]
+    same = inv_sorted[1:] == inv_sorted[:-1]
+    if same.any():
+        first = order[np.concatenate([[0], np.nonzero(~same)[0] + 1])]
+        group_first = first[inv_sorted]
+        member = order[1:][same]
+        pairs.append(np.stack([group_first[1:][same], member], axis=1))
+    masks = _block_masks(n_blocks)
+    found: list[np.ndarray] = []
+    if len(uniq) > 1 and k > 0:
+        for chosen in itertools.combinations(range(n_blocks), n_blocks - k):
+            mask = np.uint64(0)
+            for c in chosen:
+                mask |= masks[c]
+            key = uniq & mask
+            idx = np.argsort(key, kind="stable")
+            key_sorted = key[idx]
+            # compare each element with the next d in the same run of equal keys, d = 1, 2, ...
+            cand = np.arange(len(idx) - 1)
+            d = 1
+            while cand.size:
+                cand = cand[cand + d < len(idx)]
+                cand = cand[key_sorted[cand] == key_sorted[cand + d]]
+                if not cand.size:
+                    break
+                a, b = idx[cand], idx[cand + d]
+                close = hamming(uniq[a], uniq[b]) <= k
+                if close.any():
+                    found.append(np.stack([np.minimum(a[close], b[close]), np.maximum(a[close], b[close])], axis=1))
+                d += 1
+    if found:
+        upairs = np.unique(np.concatenate(found), axis=0)
+        # map unique-fingerprint pairs back to one document each (the group's first)
+        first_doc = np.full(len(uniq), -1, np.int64)
+        first_doc[inverse[::-1]] = np.arange(len(fps))[::-1]
+        pairs.append(np.stack([first_doc[upairs[:, 0]], first_doc[upairs[:, 1]]], axis=1))
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    out = np.concatenate(pairs).astype(np.int64)
+    return np.sort(out, axis=1)
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1; the root of a set is always its smallest member."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = np.arange(n, dtype=np.int64)
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]  # path halving
+            x = int(parent[x])
+        return int(x)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            lo, hi = (ra, rb) if ra < rb else (rb, ra)
+            self.parent[hi] = lo
+
+    def union_pairs(self, pairs: Iterable[tuple[int, int]]) -> None:
+        for a, b in pairs:
+            self.union(int(a), int(b))
+
+    def roots(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.parent))], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- MinHash-LSH
+
+
+def shingle_set(text: str, shingle_size: int) -> set[bytes]:
+    w = words_of(text)
+    if len(w) < shingle_size:
+        return {" ".join(w).encode()} if w else set()
+    return {" ".join(w[i:i + shingle_size]).encode() for i in range(len(w) - shingle_size + 1)}
+
+
+def minhash_signatures(texts: Sequence[str], shingle_size: int, num_perm: int, seed: int = 1) -> np.ndarray:
+    """datasketch MinHash signatures (uint64 [n, num_perm]) of a batch of texts."""
+    from datasketch import MinHash
+
+    out = np.empty((len(texts), num_perm), np.uint64)
+    for i, text in enumerate(texts):
+        m = MinHash(num_perm=num_perm, seed=seed)
+        m.update_batch(list(shingle_set(text, shingle_size)))
+        out[i] = m.hashvalues
+    return out
+
+
+def minhash_pairs(signatures: np.ndarray, threshold: float, num_perm: int, seed: int = 1) -> np.ndarray:
+    """Candidate pairs from datasketch MinHashLSH, kept only when estimated Jaccard >= threshold."""
+    from datasketch import LeanMinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    pairs = []
+    for i, sig in enumerate(signatures):
+        m = LeanMinHash(seed=seed, hashvalues=sig)
+        for j in lsh.query(m):
+            # the Jaccard check: LSH bands only propose candidates
+            if float(np.mean(signatures[j] == sig)) >= threshold:
+                pairs.append((j, i))
+        lsh.insert(i, m)
+    if not pairs:
+        return np.zeros((0, 2), np.int64)
+    return np.sort(np.array(pairs, dtype=np.int64), axis=1)
