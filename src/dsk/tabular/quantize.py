@@ -137,3 +137,80 @@ def quantize_model(model: nn.Module, bits: int, *, structure_only: bool = False)
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of the persistent tensors as stored (int8 weights count one byte each)."""
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def validation_rows(store: Any, meta: dict[str, Any]):
+    """The model's validation rows (x_num, x_cat, y), rebuilt from its training input and seed,
+    or None when that artifact is no longer in the store."""
+    from dsk.tabular.preprocess import TableSpec, matrices
+    from dsk.tabular.data import load_training_table, training_data
+    from dsk.tabular.train import split_rows
+
+    train = meta.get("training") or {}
+    src = store.find_by_id(train.get("input", "")) if store is not None and train.get("input") else None
+    if src is None:
+        return None
+    info = training_data(store, src)
+    df, numeric, categorical, classes, y = load_training_table(info["data"], info["label"])
+    spec = TableSpec(label=meta["label"], classes=meta["classes"], transform={}, inputs_numeric=meta["inputs_numeric"],
+                     inputs_categorical=meta.get("inputs_categorical", {}))
+    x_num, x_cat = matrices(df, spec)
+    _, va = split_rows(y, float(train["val_fraction"]), int(train["seed"]))
+    return x_num[va], x_cat[va], y[va]
+
+
+def quantize_artifact(model_dir: Any, out_dir: Any, *, bits: int, store: Any = None, log: Any = None) -> dict[str, Any]:
+    """Quantize a table-model artifact into ``out_dir``; returns the measured cost as metrics.
+
+    The cost is measured on the model's own validation rows (same split as training), float vs
+    quantized: ROC-AUC, accuracy, the largest probability change and the share of rows whose
+    predicted class is unchanged.
+    """
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from dsk.tabular.io import load_table_model, predict_proba, save_table_model
+    from dsk.tabular.preprocess import FEATURE_TRANSFORM_DIR
+    from dsk.tabular.train import roc_auc
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model, spec = load_table_model(model_dir)
+    if spec.meta.get("quantization"):
+        raise DskError(f"{model_dir} is already quantized ({spec.meta['quantization']['bits']} bits); "
+                       f"quantize the float model it came from")
+    before = weight_bytes(model)
+    val = validation_rows(store, spec.meta)
+    proba_float = predict_proba(model, val[0], val[1]) if val is not None else None
+    info = quantize_model(model, bits)
+    after = weight_bytes(model)
+    meta = {k: v for k, v in spec.meta.items() if k not in ("model_type", "format_version", "model")}
+    meta["quantization"] = info
+    feature_dir = model_dir / FEATURE_TRANSFORM_DIR
+    save_table_model(model, out_dir, meta, transform_src=model_dir / "transform.json",
+                     feature_transform_src=feature_dir if feature_dir.is_dir() else None)
+    metrics: dict[str, Any] = {"bits": bits, "scheme": SCHEME, "weight_bytes_float": before,
+                               "weight_bytes_quantized": after, "compression": round(before / after, 3)}
+    if val is not None:
+        proba_q = predict_proba(model, val[0], val[1])
+        y = val[2]
+        auc_f, auc_q = roc_auc(y, proba_float), roc_auc(y, proba_q)
+        metrics.update({
+            "val_rows": int(len(y)), "val_auc_float": auc_f, "val_auc_quantized": auc_q,
+            "val_auc_delta": auc_q - auc_f,
+            "val_accuracy_float": float((proba_float.argmax(1) == y).mean()),
+            "val_accuracy_quantized": float((proba_q.argmax(1) == y).mean()),
+            "max_probability_change": float(np.abs(proba_q - proba_float).max()),
+            "prediction_agreement": float((proba_q.argmax(1) == proba_float.argmax(1)).mean()),
+        })
+    else:
+        metrics["note"] = "training input no longer in the store: accuracy cost not measured"
+    (out_dir / "quantize_report.json").write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    if log is not None:
+        msg = f"{bits}-bit: weights {before:,} -> {after:,} bytes"
+        if val is not None:
+            msg += (f"; val AUC {metrics['val_auc_float']:.4f} -> {metrics['val_auc_quantized']:.4f}, "
+                    f"agreement {metrics['prediction_agreement']:.4f}")
+        log.info(msg)
+    return metrics

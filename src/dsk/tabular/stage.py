@@ -22,13 +22,9 @@ from dsk.artifacts import Artifact, Store
 from dsk.errors import DskError
 from dsk.runtime import StageContext, StageResult, run_stage
 
+from dsk.tabular.data import TABLE_KINDS, is_table_input, load_training_table, training_data
+
 STAGE_VERSION = "table-1"
-TABLE_KINDS = ("table", "features")
-EXCLUDED_COLUMNS = ("_label_issue",)
-
-
-def is_table_input(inp: Any) -> bool:
-    return isinstance(inp, Artifact) and inp.kind in TABLE_KINDS
 
 
 def table_params(params: Any):
@@ -45,74 +41,6 @@ def run_pretrain(*, inputs: list, params: Any, seed: int = 0, force: bool = Fals
     training_data(store, inputs[0])  # every input problem is an error before anything runs
     return run_stage(stage="pretrain", params=params, inputs=inputs, build="dsk.tabular.stage:build",
                      seed=seed, force=force, store=store, kind="table-model", stage_version=STAGE_VERSION)
-
-
-def clean_ancestor(store: Store, art: Artifact) -> Artifact:
-    """The `dsk clean` table artifact this artifact descends from (itself if it is one)."""
-    seen = set()
-    todo = [art]
-    while todo:
-        a = todo.pop(0)
-        if a.id in seen:
-            continue
-        seen.add(a.id)
-        if a.stage == "clean" and a.kind == "table":
-            return a
-        for i in a.input_ids:
-            found = store.find_by_id(i)
-            if found is not None:
-                todo.append(found)
-    raise DskError(f"{art.stage} artifact {art.id} does not descend from a `dsk clean` table; "
-                   f"its transform.json is needed to take raw rows")
-
-
-def training_data(store: Store, src: Artifact) -> dict[str, Any]:
-    """Paths and label of the training table behind a table/features artifact, checked."""
-    if not is_table_input(src):
-        raise DskError(f"table training reads a table or features artifact, got {src.kind!r}")
-    clean = clean_ancestor(store, src)
-    transform_path = clean.path / "transform.json"
-    if not transform_path.is_file():
-        raise DskError(f"clean artifact {clean.id} has no transform.json; rerun `dsk clean ... --force`")
-    label = json.loads(transform_path.read_text()).get("label")
-    if not label:
-        raise DskError(f"the table in {clean.id} has no label column; rerun `dsk clean FILE --label COLUMN`")
-    if src.kind == "features":
-        data_path = src.path / "train.parquet"
-        feature_dir = src.path / "transform"
-        if not feature_dir.is_dir():
-            raise DskError(f"features artifact {src.id} has no transform/ directory; rerun `dsk featurize --force`")
-    else:
-        data_path, feature_dir = src.path / "data.parquet", None
-    if not data_path.is_file():
-        raise DskError(f"{src.stage} artifact {src.id} has no {data_path.name}; rerun `dsk {src.stage} --force`")
-    return {"data": data_path, "transform": transform_path, "features": feature_dir, "label": label,
-            "clean_id": clean.id}
-
-
-def load_training_table(data_path: Path, label: str):
-    """(frame, numeric input columns, categorical input columns, classes, y as class indices)."""
-    import numpy as np
-    import pandas as pd
-
-    df = pd.read_parquet(data_path)
-    if label not in df.columns:
-        raise DskError(f"{data_path}: label column {label!r} is missing; rerun the upstream stage")
-    df = df[df[label].notna()].reset_index(drop=True)
-    features = [c for c in df.columns if c != label and c not in EXCLUDED_COLUMNS]
-    numeric = [c for c in features if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
-    categorical = [c for c in features if c not in numeric]
-    if not features:
-        raise DskError(f"{data_path}: no feature columns besides the label {label!r}")
-    if numeric and not np.isfinite(df[numeric].to_numpy(dtype=float)).all():
-        bad = next(c for c in numeric if not np.isfinite(df[c].to_numpy(dtype=float)).all())
-        raise DskError(f"{data_path}: column {bad!r} has missing or infinite values; clean with --impute median")
-    classes = sorted(df[label].unique().tolist(), key=lambda v: (str(type(v)), v))
-    if len(classes) < 2:
-        raise DskError(f"label {label!r} has a single class ({classes[0]!r}); a classifier needs at least two")
-    index = {c: i for i, c in enumerate(classes)}
-    y = df[label].map(index).to_numpy(dtype=np.int64)
-    return df, numeric, categorical, classes, y
 
 
 def _json_value(v: Any) -> Any:
@@ -171,3 +99,60 @@ def build(ctx: StageContext) -> None:
     ctx.key_metric = "val_auc"
     ctx.log.info(f"table classifier: {model.num_params():,} params, best val AUC {result.best_val_auc:.4f} "
                  f"(accuracy {result.best_val_accuracy:.4f}) at epoch {result.best_epoch}/{result.epochs}")
+
+
+# --------------------------------------------------------------------------- quantize / export
+
+
+def is_table_model_input(inp: Any) -> bool:
+    return isinstance(inp, Artifact) and inp.kind in ("table-model", "table-onnx")
+
+
+def run_quantize(*, inputs: list, params: Any, seed: int = 0, force: bool = False,
+                 store: Store | None = None) -> StageResult:
+    """`dsk quantize` on a table-model artifact: weight-only int8/int4/fp16 (``params.bits``)."""
+    store = store or Store.open()
+    src = inputs[0]
+    if not isinstance(src, Artifact) or src.kind != "table-model":
+        raise DskError("table quantization reads a table-model artifact from `dsk pretrain` on a table")
+    bits = int(getattr(params, "bits", 8))
+    if bits not in (4, 8, 16):
+        raise DskError(f"table models quantize to 16, 8 or 4 bits, not {bits}; pass --bits 8")
+    if (src.metrics or {}).get("quantized_bits") or json.loads((src.path / "config.json").read_text()).get("quantization"):
+        raise DskError(f"{src.id} is already quantized; quantize the float model from `dsk pretrain`")
+    return run_stage(stage="quantize", params=params, inputs=inputs, build="dsk.tabular.stage:build_quantize",
+                     seed=seed, force=force, store=store, kind="table-model", stage_version=STAGE_VERSION)
+
+
+def build_quantize(ctx: StageContext) -> None:
+    from dsk.tabular.quantize import quantize_artifact
+
+    bits = int(getattr(ctx.params, "bits", 8))
+    metrics = quantize_artifact(ctx.input.path, ctx.out, bits=bits, store=ctx.store, log=ctx.log)
+    ctx.kind = "table-model"
+    ctx.metrics.update({**metrics, "quantized_bits": bits})
+    ctx.key_metric = "val_auc_quantized" if "val_auc_quantized" in metrics else "compression"
+
+
+def run_export(*, inputs: list, params: Any, seed: int = 0, force: bool = False,
+               store: Store | None = None) -> StageResult:
+    """`dsk export --format onnx` on a table-model artifact: raw rows in, probabilities out."""
+    store = store or Store.open()
+    src = inputs[0]
+    if not isinstance(src, Artifact) or src.kind != "table-model":
+        raise DskError("table export reads a table-model artifact from `dsk pretrain` or `dsk quantize`")
+    fmt = getattr(params, "format", "onnx")
+    if fmt != "onnx":
+        raise DskError(f"table models export to onnx only, not {fmt!r}; pass --format onnx "
+                       f"(the table-model artifact itself is already safetensors)")
+    return run_stage(stage="export", params=params, inputs=inputs, build="dsk.tabular.stage:build_export",
+                     seed=seed, force=force, store=store, kind="table-onnx", stage_version=STAGE_VERSION)
+
+
+def build_export(ctx: StageContext) -> None:
+    from dsk.tabular.export import export_onnx
+
+    metrics = export_onnx(ctx.input.path, ctx.out, seed=ctx.seed, log=ctx.log)
+    ctx.kind = "table-onnx"
+    ctx.metrics.update(metrics)
+    ctx.key_metric = "onnx_max_abs_diff"
