@@ -87,7 +87,8 @@ def test_end_to_end_layout_and_shards_equal_direct_encoding(cli):
         texts = split_docs(path, split, tok)
         assert meta[f"{split}_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
         # the shard holds exactly the direct encoding of each document + end-of-text
-        direct = np.concatenate([np.array(tok.encode(t) + [tok.eot_id]) for t in texts])
+        direct = np.concatenate([np.array(tok.hf.encode(t, add_special_tokens=False).ids + [tok.eot_id])
+                                 for t in texts])
         assert np.array_equal(np.asarray(tokens), direct)
         seen.append({by_text[t] for t in texts})
     train, val = seen
