@@ -119,7 +119,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"model_type", "format_version"})
+        unknown = sorted(set(data) - known - {"model_type", "format_version", "quantization"})
         if unknown:
             raise DskError(f"model config: unknown key {unknown[0]!r}; is this a dsk model config.json?")
         return cls(**{k: v for k, v in data.items() if k in known})
@@ -166,5 +166,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, inter_dim=2048,
         n_dense_layers=1, n_routed_experts=64, n_shared_experts=2, n_activated_experts=6,
         moe_inter_dim=256, score_func="sigmoid", route_scale=2.5, tie_embeddings=False,
+    ),
+    # DeepSeek-V3's exact choices (sigmoid router with routed scaling 2.5, low-rank queries,
+    # RMSNorm eps 1e-6), so `dsk export --format hf` maps them onto DeepseekV3ForCausalLM exactly
+    "tiny-v3": dict(
+        dim=64, n_layers=2, n_heads=4, max_seq_len=256, attn="mla", q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, inter_dim=192, n_dense_layers=1,
+        n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=64,
+        score_func="sigmoid", route_scale=2.5, norm_eps=1e-6,
+    ),
+    "small-v3": dict(
+        dim=256, n_layers=6, n_heads=8, max_seq_len=512, attn="mla", q_lora_rank=128, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, inter_dim=768, n_dense_layers=1,
+        n_routed_experts=16, n_shared_experts=1, n_activated_experts=2, moe_inter_dim=128,
+        score_func="sigmoid", route_scale=2.5, norm_eps=1e-6,
     ),
 }

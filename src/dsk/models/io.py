@@ -21,8 +21,11 @@ MODEL_TYPE = "dsk-deepseek"
 FORMAT_VERSION = 1
 
 
-def config_json(cfg: ModelConfig) -> dict[str, Any]:
-    return {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **cfg.to_dict()}
+def config_json(cfg: ModelConfig, quant_config: Any = None) -> dict[str, Any]:
+    data = {"model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, **cfg.to_dict()}
+    if quant_config is not None:  # a quantized model (see dsk.models.quant)
+        data["quantization"] = quant_config.to_dict()
+    return data
 
 
 def state_dict_for_save(model: Transformer) -> dict[str, torch.Tensor]:
@@ -38,8 +41,14 @@ def save_model(model: Transformer, out_dir: str | Path, *, tokenizer: Any = None
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_for_save(model), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config_json(model.cfg), indent=2, sort_keys=True) + "\n")
+    state = state_dict_for_save(model)
+    quant_config = getattr(model, "quant_config", None)
+    if quant_config is not None:
+        from dsk.models.quant import state_dict_for_storage
+
+        state = state_dict_for_storage(model, state)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config_json(model.cfg, quant_config), indent=2, sort_keys=True) + "\n")
     if tokenizer is not None:
         tokenizer.save(str(out / "tokenizer.json"))
 
@@ -68,8 +77,13 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
     data = json.loads((root / "config.json").read_text())
     if data.get("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise DskError(f"{str(root)!r} holds a {data.get('model_type')!r} model, not a dsk model")
+    quantization = data.pop("quantization", None)
     cfg = ModelConfig.from_dict(data)
     model = Transformer(cfg)
+    if quantization is not None:  # a `dsk quantize` artifact: build the quantized structure first
+        from dsk.models.quant import QuantConfig, prepare_for_loading
+
+        prepare_for_loading(model, QuantConfig.from_dict(quantization))
     load_state(model, load_file(str(root / "model.safetensors")))
     model.to(device).eval()
     tokenizer = None
