@@ -37,7 +37,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("export", "Export a model to ONNX, Hugging Face or safetensors.",
               "dsk.export", ("quantize", "finetune", "pretrain"), implemented=True),
     StageSpec("serve", "Serve a model over an OpenAI-compatible HTTP API.",
-              "dsk.serve", ("export", "quantize", "finetune", "pretrain"), implemented=False),
+              "dsk.serve", ("export", "quantize", "finetune", "pretrain"), implemented=True),
     StageSpec("eval", "Evaluate a model artifact on held-out data.",
               "dsk.evaluate", ("export", "quantize", "finetune", "pretrain"), implemented=False),
     StageSpec("report", "An HTML report card for an artifact's lineage.",

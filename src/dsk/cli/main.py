@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
     from click import ClickException  # type: ignore[no-redef,assignment]
 
 from dsk import __version__
-from dsk.cli import artifacts, evaluate, report, run, train, tune
+from dsk.cli import artifacts, chat, evaluate, generate, report, run, train, tune
 from dsk.cli import augment, clean, export, featurize, finetune, pretrain, quantize, serve
 from dsk.errors import DskError
 
@@ -35,6 +35,8 @@ COMMANDS = [
     ("quantize", quantize.command, STAGES_PANEL, {}),
     ("export", export.command, STAGES_PANEL, {}),
     ("serve", serve.command, STAGES_PANEL, {}),
+    ("chat", chat.chat, STAGES_PANEL, {}),
+    ("generate", generate.generate, STAGES_PANEL, {}),
     ("train", train.train, STAGES_PANEL,
      {"context_settings": {"allow_extra_args": True, "ignore_unknown_options": True}}),
     ("run", run.run, PIPELINE_PANEL, {}),

@@ -1,0 +1,355 @@
+"""Load test of `dsk serve`: continuous batching vs one request at a time, side by side.
+
+For each of 1, 4, 16 and 64 concurrent clients, every client sends streaming chat requests
+(max_tokens 64, generating exactly 64 tokens each) in a loop for a fixed time against one
+server. Reported per phase: generated tokens/s (counted by the server), time to first token
+p50/p95, request latency p50/p95, completed requests, errors, and the server's memory (RSS, or
+CUDA memory on a GPU) at the start and the end of the phase. The same phases then run against
+a server started with `--max-batch-size 1` (the baseline).
+
+The model is a randomly initialised `--preset` (default `small`) with a BPE tokenizer trained
+on the sample text; it is committed as a model artifact in a temporary workspace and served
+by the real `dsk serve` command in its own process.
+
+Requests still running when a phase's time is up are dropped by the client (the server frees
+their slots at once); their tokens generated inside the window count toward tokens/s, but only
+finished requests count toward latency.
+
+    $ python benchmarks/serve_load.py                  # CPU, small preset, ~3 minutes
+    $ python benchmarks/serve_load.py --quick          # shorter phases, 1/4/16 clients
+    $ python benchmarks/serve_load.py --device cuda --preset base --duration 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "src"))
+
+SAMPLE = REPO / "data" / "sample" / "tinyshakespeare.txt"
+QUESTIONS = [
+    "Tell me about the king.", "What does Romeo say to Juliet?", "Summarise the first act.",
+    "Who is the villain here?", "Write a short speech about honour.", "Why is the duke angry?",
+    "Describe the storm.", "What happens at the feast?",
+]
+
+
+# --------------------------------------------------------------------------- model + server
+
+
+def make_model_artifact(home: Path, preset: str, vocab_size: int, context: int | None) -> str:
+    """A random-init model artifact (weights, config, tokenizer) committed in workspace ``home``."""
+    import torch
+
+    from dsk.artifacts import Store
+    from dsk.config import StageParams
+    from dsk.data.tokenizer import train_bpe
+    from dsk.models import ModelConfig, Transformer, save_model
+    from dsk.runtime import run_stage
+
+    paragraphs = SAMPLE.read_text(encoding="utf-8").split("\n\n")
+    tok = train_bpe(paragraphs, vocab_size=vocab_size)
+    overrides = {"vocab_size": tok.get_vocab_size()}
+    if context:
+        overrides["max_seq_len"] = context
+    cfg = ModelConfig.preset(preset, **overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+
+    def build(ctx):
+        save_model(model, ctx.out, tokenizer=tok)
+        ctx.kind = "model"
+        ctx.metrics["params"] = model.num_params()
+
+    art = run_stage(stage="pretrain", params=StageParams(), inputs=[], build=build, store=Store.open(home)).artifact
+    return art.id
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(home: Path, model_id: str, *, max_batch_size: int, device: str, port: int,
+                 threads: int) -> subprocess.Popen:
+    env = {**os.environ, "DSK_HOME": str(home), "PYTHONPATH": str(REPO / "src")}
+    env.pop("DSK_API_KEYS", None)
+    cmd = [sys.executable, "-m", "dsk", "serve", model_id, "--port", str(port), "--device", device,
+           "--max-batch-size", str(max_batch_size), "--max-queue", "10000", "--request-timeout-s", "3600",
+           "--threads", str(threads),
+           "--quiet"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_up(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def scrape(url: str) -> dict[str, float]:
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    out = {}
+    for name in ("dsk_generated_tokens_total", "process_resident_memory_bytes", "dsk_running_batch_size",
+                 "dsk_queue_depth", "dsk_cuda_memory_allocated_bytes", "dsk_cuda_max_memory_allocated_bytes"):
+        m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        if m:
+            out[name] = float(m.group(1))
+    return out
+
+
+# --------------------------------------------------------------------------- load
+
+
+async def one_client(client, url: str, model: str, max_tokens: int, end: float, k: int, stats: dict) -> None:
+    i = k
+    while time.monotonic() < end:
+        body = {"model": model, "messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                "max_tokens": max_tokens, "temperature": 0.8, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
+        i += 1
+        started = time.monotonic()
+        first = None
+        try:
+            async with client.stream("POST", url + "/v1/chat/completions", json=body) as resp:
+                if resp.status_code != 200:
+                    stats["errors"] += 1
+                    stats["error_kinds"].append(f"HTTP {resp.status_code}")
+                    await resp.aread()
+                    continue
+                done = False
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    payload = json.loads(data)
+                    if "error" in payload:
+                        raise RuntimeError(payload["error"]["message"])
+                    choices = payload.get("choices") or []
+                    if first is None and choices and choices[0].get("delta", {}).get("content"):
+                        first = time.monotonic()
+                        stats["ttft"].append(first - started)
+                    if payload.get("usage"):
+                        stats["tokens"].append(payload["usage"]["completion_tokens"])
+                if done:
+                    stats["latency"].append(time.monotonic() - started)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is an error to report
+            stats["errors"] += 1
+            stats["error_kinds"].append(f"{exc.__class__.__name__}: {exc}"[:120])
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+async def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
+    import httpx
+
+    stats = {"ttft": [], "latency": [], "tokens": [], "errors": 0, "error_kinds": []}
+    before = scrape(url)
+    mem = [before.get("process_resident_memory_bytes", 0)]
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits) as client:
+        start = time.monotonic()
+        end = start + duration
+        tasks = [asyncio.create_task(one_client(client, url, model, max_tokens, end, k, stats)) for k in range(clients)]
+        while time.monotonic() < end:
+            await asyncio.sleep(min(1.0, max(end - time.monotonic(), 0.01)))
+            mem.append((await asyncio.to_thread(scrape, url)).get("process_resident_memory_bytes", 0))
+        after = await asyncio.to_thread(scrape, url)
+        elapsed = time.monotonic() - start
+        for t in tasks:  # requests still running are dropped; the server frees their slots
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    generated = after["dsk_generated_tokens_total"] - before["dsk_generated_tokens_total"]
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(generated / elapsed, 1),
+        "completed": len(stats["latency"]),
+        "ttft_p50_s": pct(stats["ttft"], 50), "ttft_p95_s": pct(stats["ttft"], 95),
+        "latency_p50_s": pct(stats["latency"], 50), "latency_p95_s": pct(stats["latency"], 95),
+        "errors": stats["errors"], "error_kinds": sorted(set(stats["error_kinds"]))[:5],
+        "rss_start_mb": round(mem[0] / 2**20, 1), "rss_end_mb": round(mem[-1] / 2**20, 1),
+        "rss_peak_mb": round(max(mem) / 2**20, 1),
+        "cuda_peak_mb": round(after["dsk_cuda_max_memory_allocated_bytes"] / 2**20, 1)
+        if "dsk_cuda_max_memory_allocated_bytes" in after else None,
+    }
+
+
+def wait_idle(url: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        m = scrape(url)
+        if m.get("dsk_running_batch_size", 0) == 0 and m.get("dsk_queue_depth", 0) == 0:
+            return
+        time.sleep(0.1)
+
+
+def bench_server(home: Path, model_id: str, *, max_batch_size: int, device: str, clients: list[int],
+                 duration: float, max_tokens: int, threads: int) -> list[dict]:
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(home, model_id, max_batch_size=max_batch_size, device=device, port=port, threads=threads)
+    try:
+        wait_up(proc, url)
+        # warm-up: first calls pay for lazy initialisation
+        for _ in range(2):
+            httpx.post(url + "/v1/chat/completions", timeout=600, json={
+                "model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).raise_for_status()
+        phases = []
+        for n in clients:
+            wait_idle(url)
+            result = asyncio.run(run_phase(url, model_id, n, duration, max_tokens))
+            result["max_batch_size"] = max_batch_size
+            print(f"  batch≤{max_batch_size:<3} clients={n:<3} {result['tokens_per_s']:>8.1f} tok/s  "
+                  f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
+                  f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB", flush=True)
+            phases.append(result)
+        return phases
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
+# --------------------------------------------------------------------------- report
+
+
+def write_report(result: dict) -> None:
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    (out_dir / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    batched = {p["clients"]: p for p in result["batched"]}
+    base = {p["clients"]: p for p in result["baseline"]}
+    lines = [
+        f"# serve_load: continuous batching (max batch {result['max_batch_size']}) vs max batch 1",
+        "",
+        f"preset `{result['preset']}` ({result['params'] / 1e6:.1f}M params, vocab {result['vocab_size']}, "
+        f"context {result['context']}), device `{result['device']}`, chat requests of {result['max_tokens']} "
+        f"tokens, {result['duration_s']:g} s per phase, server torch threads {result['threads'] or 'default'}. "
+        f"{result['machine']}",
+        "",
+        "| clients | tok/s batched | tok/s batch 1 | speed-up | TTFT p50 / p95 batched | TTFT p50 / p95 batch 1 "
+        "| latency p50 / p95 batched | latency p50 / p95 batch 1 | done (b / 1) | errors (b / 1) "
+        "| RSS start→end MB (b / 1) |",
+        "|---:|---:|---:|---:|---|---|---|---|---|---|---|",
+    ]
+    for n in sorted(batched):
+        b, s = batched[n], base.get(n, {})
+        speed = b["tokens_per_s"] / s["tokens_per_s"] if s.get("tokens_per_s") else float("nan")
+        lines.append(
+            f"| {n} | {b['tokens_per_s']:.0f} | {s.get('tokens_per_s', 0):.0f} | {speed:.1f}× "
+            f"| {fmt(b['ttft_p50_s'])} / {fmt(b['ttft_p95_s'])} | {fmt(s.get('ttft_p50_s'))} / {fmt(s.get('ttft_p95_s'))} "
+            f"| {fmt(b['latency_p50_s'])} / {fmt(b['latency_p95_s'])} "
+            f"| {fmt(s.get('latency_p50_s'))} / {fmt(s.get('latency_p95_s'))} "
+            f"| {b['completed']} / {s.get('completed', 0)} | {b['errors']} / {s.get('errors', 0)} "
+            f"| {b['rss_start_mb']:.0f}→{b['rss_end_mb']:.0f} / {s.get('rss_start_mb', 0):.0f}→{s.get('rss_end_mb', 0):.0f} |"
+        )
+    if any(p.get("cuda_peak_mb") for p in result["batched"]):
+        lines += ["", "CUDA peak memory (MB), batched: "
+                  + ", ".join(f"{p['clients']} clients {p['cuda_peak_mb']}" for p in result["batched"])]
+    (out_dir / "serve_load.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="small", help="model preset (tiny, small, base, ...)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--clients", default="1,4,16,64", help="comma-separated concurrency levels")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch-size", type=int, default=64, help="the batched server's --max-batch-size")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--context", type=int, default=None, help="override the preset's max_seq_len")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="the server's torch CPU threads (1: on a shared 2-core machine OpenMP spin-waits "
+                         "make 2 threads many times slower; 0 = torch's default)")
+    ap.add_argument("--quick", action="store_true", help="4 s phases, 1/4/16 clients")
+    ap.add_argument("--skip-baseline", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.duration, args.clients = 4.0, "1,4,16"
+    clients = [int(c) for c in args.clients.split(",")]
+
+    from dsk.models import ModelConfig
+
+    home = Path(tempfile.mkdtemp(prefix="dsk-serve-bench-"))
+    try:
+        started = time.monotonic()
+        model_id = make_model_artifact(home, args.preset, args.vocab_size, args.context)
+        from dsk.artifacts import Store
+        art = Store.open(home).resolve(model_id)
+        cfg = ModelConfig.from_dict(json.loads((art.path / "config.json").read_text()))
+        print(f"model {model_id}: preset {args.preset}, {art.metrics['params'] / 1e6:.1f}M params; "
+              f"device {args.device}", flush=True)
+        common = dict(device=args.device, clients=clients, duration=args.duration, max_tokens=args.max_tokens,
+                  threads=args.threads)
+        batched = bench_server(home, model_id, max_batch_size=args.max_batch_size, **common)
+        baseline = [] if args.skip_baseline else bench_server(home, model_id, max_batch_size=1, **common)
+        machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
+        if args.device == "cuda":
+            import torch
+
+            machine += f", {torch.cuda.get_device_name(0)}"
+        result = {
+            "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
+            "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
+            "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
+            "threads": args.threads,
+            "batched": batched, "baseline": baseline, "wall_s": round(time.monotonic() - started, 1),
+        }
+        write_report(result)
+        return 0 if all(p["errors"] == 0 for p in batched + baseline) else 1
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

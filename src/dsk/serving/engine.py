@@ -1,0 +1,522 @@
+"""The inference engine: a continuous-batching scheduler over one preallocated, per-row KV cache.
+
+One background thread runs the loop. At every decode step it
+
+1. drops sequences whose client went away or whose deadline passed,
+2. admits waiting requests into free rows of the running batch (up to ``max_batch_size``) and
+   prefills all of them in one padded forward pass,
+3. runs one batched decode step for every running sequence (each row at its own position),
+   samples each row with that request's own settings, and
+4. removes finished sequences at once, moving the last row into the hole so the running batch
+   always occupies rows ``0..n-1`` of the cache (a contiguous view the model can take).
+
+So a short request admitted next to a long one finishes and leaves without waiting for it.
+Results go back through a callback per request (called on the engine thread; it must not
+block): the HTTP layer forwards them into an asyncio queue, `generate()`/`stream()` into a
+plain queue.
+
+    >>> engine = Engine(model, codec, max_batch_size=16).start()
+    >>> engine.generate(codec.encode("To be"), SamplingParams(max_tokens=20, seed=1)).choices[0].text
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+from dsk.errors import DskError
+from dsk.serving.filter import ContentFilter
+from dsk.serving.sampling import SamplingParams, SequenceSampler, sample_next
+
+log = logging.getLogger("dsk.serving")
+
+# Prefill at most this many (padded) prompt tokens per step, so a burst of long prompts cannot
+# stall the running sequences for long; at least one request is always admitted.
+DEFAULT_PREFILL_TOKENS = 4096
+
+
+class QueueFull(Exception):
+    """The waiting queue is at --max-queue; the client should retry after ``retry_after`` s."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"the server is busy (queue full); retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class Codec(Protocol):
+    """What the engine needs from a tokenizer."""
+
+    stop_ids: frozenset[int]
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass
+class Event:
+    """One message from the engine about a request.
+
+    kind: ``delta`` (new text of one choice), ``finish`` (one choice ended, with its reason),
+    ``done`` (every choice ended; ``usage`` filled), ``error`` (the request failed: ``text``
+    says why, ``code`` is the HTTP status it maps to).
+    """
+
+    kind: str
+    choice: int = 0
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    usage: dict[str, int] | None = None
+    code: int = 500
+
+
+@dataclass
+class Choice:
+    """One generated sequence; a request with ``n`` > 1 has several."""
+
+    request: "Request"
+    index: int
+    sampler: SequenceSampler
+    out_ids: list[int] = field(default_factory=list)
+    n_generated: int = 0  # includes a stop token that is not part of out_ids
+    pos: int = 0  # tokens of this row already in the KV cache
+    text: str = ""  # decoded output so far (after stop/filter truncation once finished)
+    emitted: int = 0  # characters of text already sent
+    finish_reason: str | None = None
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    on_event: Callable[[Event], None]
+    deadline: float | None
+    id: int = 0
+    created: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    cancelled: bool = False
+    choices: list[Choice] = field(default_factory=list)
+    open_choices: int = 0
+    done: bool = False
+
+    def cancel(self) -> None:
+        """Called from any thread (e.g. on client disconnect): the slot is freed at the next step."""
+        self.cancelled = True
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+@dataclass
+class Result:
+    choices: list[ChoiceResult]
+    usage: dict[str, int]
+    error: str | None = None
+    code: int = 200
+    ttft_s: float | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        codec: Codec,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 128,
+        content_filter: ContentFilter | None = None,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
+        device: str | torch.device | None = None,
+    ):
+        if max_batch_size < 1:
+            raise DskError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.codec = codec
+        self.cfg = model.cfg
+        self.max_len = int(self.cfg.max_seq_len)
+        self.vocab_size = int(self.cfg.vocab_size)
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.content_filter = content_filter
+        self.prefill_tokens = prefill_tokens
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.cache = model.new_cache(batch_size=max_batch_size, max_len=self.max_len, device=self.device, dtype=dtype)
+        self._waiting: deque[Request] = deque()
+        self._running: list[Choice] = []  # row i of the cache holds _running[i]
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._latency_ema = 1.0
+        # counters read by /metrics (plain ints: written by the engine thread only)
+        self.steps = 0
+        self.prompt_tokens_total = 0
+        self.generated_tokens_total = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="dsk-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: the queue drained at the recent request rate."""
+        batches = (len(self._waiting) + len(self._running)) / self.max_batch_size
+        return max(1, min(60, round(batches * self._latency_ema)))
+
+    # ------------------------------------------------------------------ requests
+    def check_lengths(self, n_prompt: int, max_tokens: int) -> None:
+        """Raise ValueError with a client-facing message when a request cannot fit the context."""
+        if n_prompt < 1:
+            raise ValueError("the prompt is empty")
+        if n_prompt >= self.max_len:
+            raise ValueError(
+                f"the prompt is {n_prompt} tokens; this model's context is {self.max_len} tokens "
+                f"(shorten the prompt)"
+            )
+        if max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if n_prompt + max_tokens > self.max_len:
+            raise ValueError(
+                f"max_tokens={max_tokens} plus the prompt's {n_prompt} tokens exceeds this model's "
+                f"context of {self.max_len} tokens; ask for at most {self.max_len - n_prompt}"
+            )
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[Event], None],
+        *,
+        n: int = 1,
+        timeout_s: float | None = None,
+    ) -> Request:
+        """Queue a request; raises ValueError (bad lengths) or QueueFull. Never blocks."""
+        self.check_lengths(len(prompt_ids), params.max_tokens)
+        if not 1 <= n <= self.max_batch_size:
+            raise ValueError(f"n={n} must be between 1 and the server's max batch size {self.max_batch_size}")
+        bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids))
+        with self._cv:
+            if self._stop or self._thread is None:
+                raise RuntimeError("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams, *, n: int = 1,
+                 timeout_s: float | None = None) -> Result:
+        """Blocking: the whole result of one request."""
+        events: queue.Queue[Event] = queue.Queue()
+        req = self.submit(prompt_ids, params, events.put, n=n, timeout_s=timeout_s)
+        return collect(iter_queue(events), n=n, request=req)
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams, *, timeout_s: float | None = None) -> Iterator[Event]:
+        """Blocking iterator over one request's events; closing it early cancels the request."""
+        events: queue.Queue[Event] = queue.Queue()
+        req = self.submit(prompt_ids, params, events.put, timeout_s=timeout_s)
+        try:
+            yield from iter_queue(events)
+        finally:
+            req.cancel()
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stop:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._step()
+            except Exception as exc:  # a bug or device error: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                self._fail_all(f"internal error in the engine: {exc.__class__.__name__}: {exc}")
+        self._fail_all("the server is shutting down", code=503)
+
+    def _step(self) -> None:
+        self._drop_finished_requests()
+        self._admit()
+        if self._running:
+            self._decode()
+        self.steps += 1
+
+    def _drop_finished_requests(self) -> None:
+        now = time.monotonic()
+        with self._cv:
+            keep: deque[Request] = deque()
+            for req in self._waiting:
+                if req.cancelled:
+                    continue
+                if req.deadline is not None and now > req.deadline:
+                    self._emit(req, Event("error", text="request timed out while waiting in the queue", code=504))
+                    continue
+                keep.append(req)
+            self._waiting = keep
+        for c in self._running:
+            req = c.request
+            if c.finish_reason is None and req.cancelled:
+                c.finish_reason = "cancelled"
+            elif c.finish_reason is None and req.deadline is not None and now > req.deadline:
+                self._finish(c, "timeout")
+        self._remove_finished()
+
+    def _admit(self) -> None:
+        free = self.max_batch_size - len(self._running)
+        admitted: list[Request] = []
+        budget = self.prefill_tokens
+        with self._cv:
+            while self._waiting and free > 0:
+                req = self._waiting[0]
+                if req.cancelled:
+                    self._waiting.popleft()
+                    continue
+                cost = req.n * len(req.prompt_ids)
+                if req.n > free or (admitted and cost > budget):
+                    break
+                self._waiting.popleft()
+                admitted.append(req)
+                free -= req.n
+                budget -= cost
+        if not admitted:
+            return
+        new: list[Choice] = []
+        for req in admitted:
+            for i in range(req.n):
+                sampler = SequenceSampler(req.params, req.prompt_ids, self.vocab_size, seed_offset=i)
+                new.append(Choice(req, i, sampler, pos=len(req.prompt_ids)))
+            req.choices = new[-req.n:]
+            req.open_choices = req.n
+            self.prompt_tokens_total += len(req.prompt_ids)
+        first_row = len(self._running)
+        logits = self._prefill(first_row, [c.request.prompt_ids for c in new])
+        self._running.extend(new)
+        tokens = sample_next(logits, [c.sampler for c in new]).tolist()
+        for c, tok in zip(new, tokens):
+            self._append(c, tok)
+        self._remove_finished()
+
+    def _prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Run right-padded prompts through rows first_row.. of the cache; logits at each last token.
+
+        Padding writes junk into the cache past a row's prompt, but those positions are
+        overwritten by the row's next tokens before any query can see them (the mask lets a
+        query at position p see keys 0..p only).
+        """
+        k = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = max(len(p) for p in prompts)
+        idx = torch.zeros(k, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        idx = idx.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(k, width)
+        view = self._cache_rows(first_row, first_row + k)
+        m = self.model
+        # the trunk, then the head on each row's last real token only: full [k, T, V] logits
+        # would cost k*T*V floats for nothing
+        hidden, _, _ = m.trunk(m.embed(idx), positions, view)
+        last = hidden[torch.arange(k, device=self.device), lengths - 1]
+        return m.head(m.norm(last)).float()
+
+    def _decode(self) -> None:
+        n = len(self._running)
+        idx = torch.tensor([[c.out_ids[-1]] for c in self._running], dtype=torch.long, device=self.device)
+        start = torch.tensor([c.pos for c in self._running], dtype=torch.long, device=self.device)
+        logits = self.model(idx, cache=self._cache_rows(0, n), start_pos=start).logits[:, -1]
+        for c in self._running:
+            c.pos += 1
+        tokens = sample_next(logits, [c.sampler for c in self._running]).tolist()
+        for c, tok in zip(self._running, tokens):
+            self._append(c, tok)
+        self._remove_finished()
+
+    # ------------------------------------------------------------------ cache rows
+    def _cache_rows(self, start: int, stop: int) -> Any:
+        """A view of cache rows start..stop-1 that the model reads and writes in place."""
+        view = copy.copy(self.cache)
+        view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.cache.layers]
+        view.batch_size = stop - start
+        return view
+
+    def _move_row(self, src: int, dst: int, length: int) -> None:
+        for layer in self.cache.layers:
+            for t in layer.values():
+                t[dst, :length] = t[src, :length]
+
+    def _remove_finished(self) -> None:
+        """Compact: move the last running row into each finished row's slot."""
+        i = 0
+        while i < len(self._running):
+            if self._running[i].finish_reason is None:
+                i += 1
+                continue
+            last = len(self._running) - 1
+            if i != last:
+                moved = self._running[last]
+                self._move_row(last, i, moved.pos)
+                self._running[i] = moved
+            self._running.pop()
+
+    # ------------------------------------------------------------------ tokens → text → events
+    def _append(self, c: Choice, token: int) -> None:
+        req, p = c.request, c.sampler.params
+        if c.finish_reason is not None:
+            return
+        if req.first_token_at is None:
+            req.first_token_at = time.monotonic()
+        c.n_generated += 1
+        self.generated_tokens_total += 1
+        c.sampler.observe(token)
+        finish = None
+        if token in self.codec.stop_ids and not p.ignore_eos:
+            finish = "stop"
+        else:
+            c.out_ids.append(token)
+            if c.n_generated >= p.max_tokens:
+                finish = "length"
+        text = self.codec.decode(c.out_ids)
+        cut = None
+        for s in p.stop:
+            at = text.find(s)
+            if at != -1 and (cut is None or at < cut):
+                cut, finish = at, "stop"
+        if self.content_filter is not None:
+            hit = self.content_filter.check(text if cut is None else text[:cut], final=finish is not None)
+            if hit is not None:
+                cut, finish = hit.start, "content_filter"
+        if cut is not None:
+            text = text[:cut]
+        c.text = text
+        if finish is None:
+            # send only what can no longer become a stop string or a blocked word, and not a
+            # trailing partial UTF-8 character
+            safe = len(text) - max([_partial_suffix(text, s) for s in p.stop] + [0])
+            if self.content_filter is not None:
+                safe = min(safe, self.content_filter.safe_length(text))
+            while safe > c.emitted and text[safe - 1] == "\ufffd":
+                safe -= 1
+            if safe > c.emitted:
+                self._emit(req, Event("delta", c.index, text[c.emitted:safe]))
+                c.emitted = safe
+        else:
+            self._finish(c, finish)
+
+    def _finish(self, c: Choice, reason: str) -> None:
+        req = c.request
+        if c.emitted < len(c.text):
+            self._emit(req, Event("delta", c.index, c.text[c.emitted:]))
+            c.emitted = len(c.text)
+        c.finish_reason = reason
+        self._emit(req, Event("finish", c.index, finish_reason=reason))
+        req.open_choices -= 1
+        if req.open_choices == 0:
+            completion = sum(ch.n_generated for ch in req.choices)
+            usage = {
+                "prompt_tokens": len(req.prompt_ids),
+                "completion_tokens": completion,
+                "total_tokens": len(req.prompt_ids) + completion,
+            }
+            elapsed = time.monotonic() - req.created
+            self._latency_ema = 0.9 * self._latency_ema + 0.1 * elapsed
+            self._emit(req, Event("done", usage=usage))
+
+    def _emit(self, req: Request, event: Event) -> None:
+        if req.done:
+            return
+        if event.kind in ("done", "error"):
+            req.done = True
+        try:
+            req.on_event(event)
+        except Exception:  # a consumer's problem must never stop the engine
+            log.exception("event callback failed")
+
+    def _fail_all(self, message: str, code: int = 500) -> None:
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        requests = {id(c.request): c.request for c in self._running}
+        self._running = []
+        for req in [*requests.values(), *waiting]:
+            self._emit(req, Event("error", text=message, code=code))
+
+
+def _partial_suffix(text: str, stop: str) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of ``stop``."""
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+        if text.endswith(stop[:k]):
+            return k
+    return 0
+
+
+def iter_queue(events: "queue.Queue[Event]") -> Iterator[Event]:
+    while True:
+        ev = events.get()
+        yield ev
+        if ev.kind in ("done", "error"):
+            return
+
+
+def collect(events: Iterator[Event], *, n: int = 1, request: Request | None = None) -> Result:
+    """Fold a request's events into one Result."""
+    texts = ["" for _ in range(n)]
+    ids: list[list[int]] = [[] for _ in range(n)]
+    reasons: list[str | None] = [None] * n
+    for ev in events:
+        if ev.kind == "delta":
+            texts[ev.choice] += ev.text
+            ids[ev.choice].extend(ev.token_ids)
+        elif ev.kind == "finish":
+            reasons[ev.choice] = ev.finish_reason
+        elif ev.kind == "error":
+            return Result([], {}, error=ev.text, code=ev.code)
+        elif ev.kind == "done":
+            ttft = None
+            if request is not None and request.first_token_at is not None:
+                ttft = request.first_token_at - request.created
+            choices = [ChoiceResult(i, texts[i], ids[i], reasons[i]) for i in range(n)]
+            if request is not None:  # the exact ids, including held-back text's tokens
+                for ch in request.choices:
+                    choices[ch.index].token_ids = list(ch.out_ids)
+            return Result(choices, ev.usage or {}, ttft_s=ttft)
+    return Result([], {}, error="the engine stopped", code=503)

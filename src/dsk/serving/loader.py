@@ -1,0 +1,59 @@
+"""Loading a model artifact for serving: the model on its device, its tokenizer, an engine.
+
+    >>> engine, codec = load_engine(".dsk/artifacts/pretrain/<id>", max_batch_size=16)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dsk.errors import DskError
+from dsk.serving.filter import ContentFilter
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DskError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def load_engine(
+    artifact_dir: str | Path,
+    *,
+    backend: str = "torch",
+    device: str = "cpu",
+    max_batch_size: int = 16,
+    max_queue: int = 128,
+    content_filter: ContentFilter | None = None,
+) -> tuple[Any, Any]:
+    """(engine, codec) for a model artifact; the engine is not started yet."""
+    if backend == "onnx":
+        raise DskError(
+            "--backend onnx needs an exported ONNX model with a KV cache, which `dsk export` does not "
+            "produce yet; serve with --backend torch"
+        )
+    import torch
+
+    from dsk.models import load_model
+    from dsk.serving.engine import Engine
+    from dsk.serving.text import TextCodec
+
+    path = Path(artifact_dir)
+    if not (path / "model.safetensors").is_file():
+        raise DskError(f"{str(path)!r} holds no model.safetensors; serve a pretrain, finetune or quantize artifact")
+    device = pick_device(device)
+    model, _hf_tokenizer, _cfg = load_model(path, device=device)
+    model.eval()
+    if device == "cuda":
+        model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
+    if not (path / "tokenizer.json").is_file():
+        raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+    codec = TextCodec.from_artifact(path)
+    engine = Engine(model, codec, max_batch_size=max_batch_size, max_queue=max_queue,
+                    content_filter=content_filter, device=device)
+    return engine, codec

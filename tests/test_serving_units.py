@@ -1,0 +1,140 @@
+"""The serving library's parts on their own: sampling, the content filter, auth, audit redaction,
+the tokenizer codec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsk.errors import DskError
+from dsk.serving.audit import redact
+from dsk.serving.auth import KeyChecker, collect_keys, key_id
+from dsk.serving.engine import _partial_suffix
+from dsk.serving.filter import ContentFilter
+from dsk.serving.sampling import SamplingParams, SequenceSampler, apply_penalties, sample_next
+
+V = 16
+
+
+def sampler(**kw) -> SequenceSampler:
+    prompt = kw.pop("prompt", [1, 2])
+    return SequenceSampler(SamplingParams(**kw), prompt, V)
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def test_greedy_top_k_1_and_tiny_top_p_pick_the_argmax():
+    logits = torch.randn(3, V)
+    rows = [sampler(temperature=0.0), sampler(temperature=1.5, top_k=1, seed=1), sampler(temperature=1.0, top_p=1e-6, seed=2)]
+    assert sample_next(logits, rows).tolist() == logits.argmax(-1).tolist()
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    logits = torch.linspace(0, 1, V)[None].repeat(200, 1)
+    rows = [sampler(temperature=5.0, top_k=3, seed=i) for i in range(200)]
+    tokens = set(sample_next(logits, rows).tolist())
+    assert tokens <= {V - 1, V - 2, V - 3} and len(tokens) == 3
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05] + [0.0] * (V - 4)) + 1e-9
+    logits = probs.log()[None].repeat(300, 1)
+    rows = [sampler(temperature=1.0, top_p=0.7, seed=i) for i in range(300)]
+    assert set(sample_next(logits, rows).tolist()) == {0, 1}
+
+
+def test_a_seed_reproduces_and_rows_do_not_share_randomness():
+    logits = torch.zeros(4, V)
+    a = sample_next(logits, [sampler(seed=5) for _ in range(4)]).tolist()
+    assert len(set(a)) == 1  # same seed, same draw, whatever the row
+    b = [sample_next(logits[:1], [sampler(seed=5)]).item()]
+    assert a[0] == b[0]
+    many = [sample_next(logits[:1], [sampler(seed=s)]).item() for s in range(40)]
+    assert len(set(many)) > 5
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, -2.0, 1.0, 1.0] + [0.0] * (V - 4))
+    s = sampler(repetition_penalty=2.0, prompt=[0, 1])
+    out = apply_penalties(logits, s)
+    assert out[0] == 1.0 and out[1] == -4.0 and out[2] == 1.0  # seen: positive halved, negative doubled
+    s = sampler(frequency_penalty=0.5, presence_penalty=0.25, prompt=[])
+    for tok in (2, 2, 3):
+        s.observe(tok)
+    out = apply_penalties(logits, s)
+    assert out[2] == pytest.approx(1.0 - 2 * 0.5 - 0.25) and out[3] == pytest.approx(1.0 - 0.5 - 0.25)
+    assert out[0] == 2.0
+
+
+def test_partial_stop_suffix():
+    assert _partial_suffix("hello wo", "world") == 2
+    assert _partial_suffix("hello", "world") == 0
+    assert _partial_suffix("abc", "c") == 0  # a whole match is found by find(), not held back
+
+
+# --------------------------------------------------------------------------- content filter
+
+
+def test_filter_words_regexes_and_streaming_holdback():
+    f = ContentFilter.from_lines(["# comment", "", "BadWord", r"re:\b\d{3}-\d{4}\b", "c++"])
+    assert f.check("a badword here").rule == "BadWord"
+    assert f.check("badwords are fine") is None
+    assert f.check("call 555-1234 now").line == 4
+    assert f.check("I like C++ a lot").rule == "c++"
+    # streaming: hold back only what could still become a match
+    assert f.safe_length("all clear") == len("all clear")
+    assert f.safe_length("this is bad") == len("this is ")
+    assert f.safe_length("call 555-12") == len("call ")
+    assert f.check("the badword", final=False) is None  # could still become "badwords"
+    assert f.check("the badword", final=True).start == 4
+
+
+def test_filter_file_errors(tmp_path):
+    with pytest.raises(DskError, match="does not exist"):
+        ContentFilter.load(tmp_path / "nope.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ok\nre:(\n")
+    with pytest.raises(DskError, match="line 2"):
+        ContentFilter.load(bad)
+
+
+# --------------------------------------------------------------------------- auth and audit
+
+
+def test_keys_from_option_and_environment():
+    assert collect_keys("a, b", {"DSK_API_KEYS": "b,c"}) == ["a", "b", "c"]
+    checker = KeyChecker(["alpha", "beta"])
+    assert checker.check("Bearer beta") == key_id("beta")
+    assert checker.check("Bearer gamma") is None and checker.check(None) is None and checker.check("beta") is None
+    assert "beta" not in key_id("beta")
+    assert KeyChecker([]).check(None) == "anonymous"
+
+
+def test_redaction():
+    text = "mail john.smith@corp.example.org, call (415) 555-0199 or +44 20 7946 0958; 3 apples, year 2024"
+    out = redact(text)
+    assert "[EMAIL]" in out and out.count("[PHONE]") == 2
+    assert "3 apples" in out and "2024" in out
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def test_chat_without_chat_tokens_uses_a_plain_transcript():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from dsk.data.tokenizer import Tokenizer as DskTokenizer
+    from dsk.serving.text import TextCodec
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(["hello there"] * 10, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    codec = TextCodec(DskTokenizer(hf))
+    assert not codec.has_chat_tokens and codec.chat_stop
+    ids = codec.chat_ids([{"role": "user", "content": "hi"}])
+    assert codec.decode(ids) == "User: hi\nAssistant:"
+    assert codec.stop_ids == {hf.token_to_id("<|endoftext|>")}
