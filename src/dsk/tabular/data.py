@@ -52,24 +52,28 @@ def training_data(store: Store, src: Artifact) -> dict[str, Any]:
     if not label:
         raise DskError(f"the table in {clean.id} has no label column; rerun `dsk clean FILE --label COLUMN`")
     if src.kind == "features":
-        data_path = src.path / "train.parquet"
+        # featurize's val.parquet rows went through the saved transform only: they train here
+        # too, and the classifier holds out its own stratified validation split
+        data_path = [p for p in (src.path / "train.parquet", src.path / "val.parquet") if p.is_file()]
         feature_dir = src.path / "transform"
         if not feature_dir.is_dir():
             raise DskError(f"features artifact {src.id} has no transform/ directory; rerun `dsk featurize --force`")
     else:
-        data_path, feature_dir = src.path / "data.parquet", None
-    if not data_path.is_file():
-        raise DskError(f"{src.stage} artifact {src.id} has no {data_path.name}; rerun `dsk {src.stage} --force`")
+        data_path, feature_dir = [src.path / "data.parquet"], None
+    if not data_path or not data_path[0].is_file():
+        raise DskError(f"{src.stage} artifact {src.id} has no {'train' if feature_dir else 'data'}.parquet; "
+                       f"rerun `dsk {src.stage} --force`")
     return {"data": data_path, "transform": transform_path, "features": feature_dir, "label": label,
             "clean_id": clean.id}
 
 
-def load_training_table(data_path: Path, label: str):
+def load_training_table(data_path: list[Path], label: str):
     """(frame, numeric input columns, categorical input columns, classes, y as class indices)."""
     import numpy as np
     import pandas as pd
 
-    df = pd.read_parquet(data_path)
+    df = pd.concat([pd.read_parquet(p) for p in data_path], ignore_index=True)
+    data_path = data_path[0]
     if label not in df.columns:
         raise DskError(f"{data_path}: label column {label!r} is missing; rerun the upstream stage")
     df = df[df[label].notna()].reset_index(drop=True)

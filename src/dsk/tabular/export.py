@@ -59,28 +59,44 @@ class RawTableModel(nn.Module):
             self.register_buffer("take", torch.tensor([raw.index(c) for c in spec.inputs_numeric], dtype=torch.long))
         self.model = model
         self.model.dense_moe = True
-        self.has_categorical = bool(spec.inputs_categorical)
+        self.has_categorical = bool(raw_categorical_vocab(spec))
 
     def forward(self, numeric: torch.Tensor, categorical: torch.Tensor | None = None) -> torch.Tensor:
         x = self.clean(numeric)
-        x = self.features(x) if self.features is not None else x.index_select(1, self.take)
-        logits, _ = self.model(x.float(), categorical)
+        if self.features is not None:  # text columns are one-hot inside the feature transform
+            logits, _ = self.model(self.features(x, categorical).float(), None)
+        else:
+            logits, _ = self.model(x.index_select(1, self.take).float(), categorical)
         return logits.float().softmax(dim=-1)
 
 
-def _register_rms_norm() -> None:
+def raw_categorical_vocab(spec: TableSpec) -> dict[str, list[str]]:
+    """The graph's ``categorical`` input: column -> vocabulary (code = index + 1, 0 = unseen)."""
+    if spec.feature_transform is not None:
+        from dsk.tabular.features import categorical_vocab
+
+        return categorical_vocab(spec.feature_transform)
+    return spec.inputs_categorical
+
+
+def _register_rms_norm(opset: int) -> None:
     """aten::rms_norm as ONNX ops (the TorchScript exporter has no symbolic for it before opset 23)."""
     from torch.onnx import register_custom_op_symbolic, symbolic_helper
 
     # normalized_shape is (x.shape[-1],) in dsk's RMSNorm, traced as a dynamic value: reduce the last axis
     @symbolic_helper.parse_args("v", "v", "v", "f")
     def rms_norm(g, x, normalized_shape, weight, eps):
-        mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes_i=[-1], keepdims_i=1)
+        sq = g.op("Mul", x, x)
+        if opset >= 18:  # ReduceMean's axes became an input in opset 18
+            axes = g.op("Constant", value_t=torch.tensor([-1], dtype=torch.long))
+            mean_sq = g.op("ReduceMean", sq, axes, keepdims_i=1)
+        else:
+            mean_sq = g.op("ReduceMean", sq, axes_i=[-1], keepdims_i=1)
         eps_c = g.op("Constant", value_t=torch.tensor(eps if eps is not None else 1e-6, dtype=torch.float32))
         y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_sq, eps_c)))
         return y if symbolic_helper._is_none(weight) else g.op("Mul", y, weight)
 
-    register_custom_op_symbolic("aten::rms_norm", rms_norm, OPSET)
+    register_custom_op_symbolic("aten::rms_norm", rms_norm, opset)
 
 
 def synthetic_raw(spec: TableSpec, n: int, seed: int, *, missing: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -95,7 +111,7 @@ def synthetic_raw(spec: TableSpec, n: int, seed: int, *, missing: float = 0.1) -
     x = np.stack(cols, axis=1) if cols else np.zeros((n, 0))
     if spec.imputes_numeric and x.size:
         x[rng.random(x.shape) < missing] = np.nan
-    cats = [rng.integers(0, len(v) + 1, n) for v in spec.inputs_categorical.values()]
+    cats = [rng.integers(0, len(v) + 1, n) for v in raw_categorical_vocab(spec).values()]
     codes = np.stack(cats, axis=1).astype(np.int64) if cats else np.zeros((n, 0), np.int64)
     return x.astype(np.float64), codes
 
@@ -105,16 +121,17 @@ def onnx_inputs(frame, spec: TableSpec) -> dict[str, np.ndarray]:
     from dsk.tabular.preprocess import encode_categorical
 
     feeds = {"numeric": frame[spec.raw_numeric].to_numpy(dtype=np.float64)}
-    if spec.inputs_categorical:
+    vocab = raw_categorical_vocab(spec)
+    if vocab:
         fills = spec.transform.get("categorical", {})
         feeds["categorical"] = np.stack([
-            encode_categorical(frame[c].where(frame[c].notna(), fills.get(c, {}).get("fill")), vocab)
-            for c, vocab in spec.inputs_categorical.items()], axis=1)
+            encode_categorical(frame[c].where(frame[c].notna(), fills.get(c, {}).get("fill")), v)
+            for c, v in vocab.items()], axis=1)
     return feeds
 
 
 def export_onnx(model_dir: str | Path, out_dir: Path, *, check_rows: int = 256, seed: int = 0,
-                tolerance: float = 1e-4, log: Any = None) -> dict[str, Any]:
+                tolerance: float = 1e-4, opset: int = OPSET, log: Any = None) -> dict[str, Any]:
     """Write ``model.onnx`` (+ config.json and the transform files) into ``out_dir``; returns metrics."""
     import onnx
     import onnxruntime as ort
@@ -127,13 +144,13 @@ def export_onnx(model_dir: str | Path, out_dir: Path, *, check_rows: int = 256, 
     if raw_model.has_categorical:
         args += (torch.from_numpy(codes),)
         names.append("categorical")
-    _register_rms_norm()
+    _register_rms_norm(opset)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ONNX_FILE
     with torch.no_grad():
         # constant folding off: it would turn int8 weights (Cast * scale) back into float initializers
         torch.onnx.export(raw_model, args, str(path), input_names=names, output_names=["probabilities"],
-                          dynamic_axes={n: {0: "rows"} for n in [*names, "probabilities"]}, opset_version=OPSET,
+                          dynamic_axes={n: {0: "rows"} for n in [*names, "probabilities"]}, opset_version=opset,
                           do_constant_folding=False, dynamo=False)
         expected = raw_model(*args).numpy()
     onnx.checker.check_model(str(path))
@@ -152,10 +169,10 @@ def export_onnx(model_dir: str | Path, out_dir: Path, *, check_rows: int = 256, 
     copy_preprocessing(Path(model_dir), out_dir)
     config = dict(spec.meta)
     config["onnx"] = {
-        "file": ONNX_FILE, "opset": OPSET, "inputs": names, "output": "probabilities",
+        "file": ONNX_FILE, "opset": opset, "inputs": names, "output": "probabilities",
         "numeric_columns": spec.raw_numeric,
-        "categorical_columns": list(spec.inputs_categorical),
-        "categorical_vocab": spec.inputs_categorical,
+        "categorical_columns": list(raw_categorical_vocab(spec)),
+        "categorical_vocab": raw_categorical_vocab(spec),
         "categorical_fill": {c: v.get("fill") for c, v in spec.transform.get("categorical", {}).items()},
         "classes": spec.classes,
         "folded": ["impute:" + spec.transform["impute"]["method"], "clip", "robust_scale"]
@@ -163,7 +180,7 @@ def export_onnx(model_dir: str | Path, out_dir: Path, *, check_rows: int = 256, 
     }
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     metrics = {"onnx_bytes": path.stat().st_size, "onnx_max_abs_diff": max_diff, "onnx_check_rows": len(x),
-               "onnx_opset": OPSET, "quantized_bits": (spec.meta.get("quantization") or {}).get("bits")}
+               "onnx_opset": opset, "quantized_bits": (spec.meta.get("quantization") or {}).get("bits")}
     if log is not None:
         log.info(f"ONNX: {path.stat().st_size:,} bytes, max |onnxruntime - torch| = {max_diff:.2e} on {len(x)} raw rows")
     return metrics

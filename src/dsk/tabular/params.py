@@ -26,6 +26,8 @@ class TableParams(StageParams):
     inter_dim: int = Field(64, ge=1, description="Hidden width of the dense SwiGLU blocks.")
     epochs: int = Field(200, ge=1, le=100_000, description="At most this many passes over the training rows.")
     patience: int = Field(20, ge=1, description="Stop when validation AUC has not improved for this many epochs.")
+    auc_tolerance: float = Field(
+        0.005, ge=0, le=0.1, description="Validation AUCs within this of the best count as ties, settled by the lower validation loss.")
     batch_size: int = Field(128, ge=1, description="Rows per step.")
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant after a one-epoch warmup).")
     weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay on matrices.")

@@ -39,12 +39,27 @@ def run_pretrain(*, inputs: list, params: Any, seed: int = 0, force: bool = Fals
     """Train a table classifier on ``inputs[0]`` (a table or features artifact)."""
     store = store or Store.open()
     training_data(store, inputs[0])  # every input problem is an error before anything runs
+    ignored = language_model_options(params)
+    if ignored:
+        from dsk import console
+
+        console.warn(f"pretrain on a table uses the `table` options; ignoring {', '.join(ignored)} "
+                     f"(language-model options)")
     return run_stage(stage="pretrain", params=params, inputs=inputs, build="dsk.tabular.stage:build",
                      seed=seed, force=force, store=store, kind="table-model", stage_version=STAGE_VERSION)
 
 
 def _json_value(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
+
+
+def language_model_options(params: Any) -> list[str]:
+    """Options set away from their defaults that only apply to language models."""
+    fields = getattr(type(params), "model_fields", {})
+    if "table" not in fields:
+        return []
+    default = type(params)()
+    return [f"--{k.replace('_', '-')}" for k in fields if k != "table" and getattr(params, k) != getattr(default, k)]
 
 
 def build(ctx: StageContext) -> None:
@@ -118,6 +133,9 @@ def run_quantize(*, inputs: list, params: Any, seed: int = 0, force: bool = Fals
     bits = int(getattr(params, "bits", 8))
     if bits not in (4, 8, 16):
         raise DskError(f"table models quantize to 16, 8 or 4 bits, not {bits}; pass --bits 8")
+    if getattr(params, "backend", "torch") != "torch" or getattr(params, "scheme", "weight-only") != "weight-only":
+        raise DskError("table models support --backend torch --scheme weight-only (int8 per-channel weights); "
+                       "drop --backend/--scheme")
     if (src.metrics or {}).get("quantized_bits") or json.loads((src.path / "config.json").read_text()).get("quantization"):
         raise DskError(f"{src.id} is already quantized; quantize the float model from `dsk pretrain`")
     return run_stage(stage="quantize", params=params, inputs=inputs, build="dsk.tabular.stage:build_quantize",
@@ -152,7 +170,9 @@ def run_export(*, inputs: list, params: Any, seed: int = 0, force: bool = False,
 def build_export(ctx: StageContext) -> None:
     from dsk.tabular.export import export_onnx
 
-    metrics = export_onnx(ctx.input.path, ctx.out, seed=ctx.seed, log=ctx.log)
+    metrics = export_onnx(ctx.input.path, ctx.out, seed=ctx.seed, log=ctx.log,
+                          tolerance=float(getattr(ctx.params, "tolerance", 1e-4)),
+                          opset=int(getattr(ctx.params, "opset", 17)))
     ctx.kind = "table-onnx"
     ctx.metrics.update(metrics)
     ctx.key_metric = "onnx_max_abs_diff"

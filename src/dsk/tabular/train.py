@@ -118,7 +118,7 @@ def fit(
     tr, va = split_rows(y, params.val_fraction, seed)
     xn = torch.as_tensor(np.ascontiguousarray(x_num, dtype=np.float32))
     xc = torch.as_tensor(np.ascontiguousarray(x_cat, dtype=np.int64)).reshape(len(y), len(cards))
-    yt = torch.as_tensor(y, dtype=torch.long)
+    yt = torch.tensor(np.asarray(y), dtype=torch.long)
     counts = np.bincount(y[tr], minlength=n_classes).astype(float)
     if params.class_weight == "balanced":
         w = np.where(counts > 0, len(tr) / (n_classes * np.maximum(counts, 1)), 0.0)
@@ -165,9 +165,13 @@ def fit(
         result.history.append(row)
         if on_epoch is not None:
             on_epoch(row)
-        key = (auc if np.isfinite(auc) else -val_loss, -val_loss)
-        if key > best_key:
-            best_key, since_best = key, 0
+        # an AUC within auc_tolerance of the best is a tie (on a small validation split one
+        # swapped pair moves AUC by ~1e-3), settled by the lower validation loss
+        score = auc if np.isfinite(auc) else -val_loss
+        better = score > best_key[0] + params.auc_tolerance or (
+            score >= best_key[0] - params.auc_tolerance and val_loss < -best_key[1])
+        if better:
+            best_key, since_best = (max(score, best_key[0]), -val_loss), 0
             best_state = copy.deepcopy(model.state_dict())
             result.best_epoch, result.best_val_auc, result.best_val_loss, result.best_val_accuracy = epoch, auc, val_loss, acc
         else:
