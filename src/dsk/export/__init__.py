@@ -18,6 +18,10 @@ def run(*, source=None, params=None, seed=0, force=False, store=None):
     store = store or Store.open()
     params = params or Params()
     inputs = resolve_inputs(store, "export", source)
+    if getattr(inputs[0], "kind", None) == "table-model":  # issue 12: the table classifier
+        from dsk.tabular.stage import run_export
+
+        return run_export(inputs=inputs, params=params, seed=seed, force=force, store=store)
     return run_stage(
         stage="export", params=params, inputs=inputs, build="dsk.export.build:build",
         seed=seed, force=force, store=store, stage_version="1",

@@ -38,6 +38,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 8  # mla: decoupled rotary key width, shared by all heads
     v_head_dim: int = 16  # mla: per-head value width
     rope_theta: float = 10000.0
+    causal: bool = True  # False: every position attends to every other (a table classifier's feature tokens)
     # ---- feed-forward: SwiGLU dense layers, then DeepSeekMoE
     inter_dim: int = 192  # hidden width of the dense SwiGLU layers
     n_dense_layers: int = 1  # the first n layers are dense; the rest MoE (if n_routed_experts > 0)

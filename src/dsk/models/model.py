@@ -116,6 +116,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+        self.causal = cfg.causal
 
     def forward(self, x, cos, sin, positions, layer_cache: dict | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -124,7 +125,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
-            mask, causal = None, True
+            mask, causal = None, self.causal
         else:
             rows = torch.arange(B, device=x.device)
             kv_len = int(positions.max()) + 1
@@ -165,6 +166,7 @@ class MLA(nn.Module):
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope + self.vd), bias=False)
         self.wo = nn.Linear(self.n_heads * self.vd, cfg.dim, bias=False)
         self.scale = qk_head_dim**-0.5
+        self.causal = cfg.causal
 
     def forward(self, x, cos, sin, positions, layer_cache: dict | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -177,7 +179,7 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)  # [B, T, kv_lora_rank]: the cached latent
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)  # [B, T, rope]
         if layer_cache is None:
-            mask, causal = None, True
+            mask, causal = None, self.causal
         else:
             rows = torch.arange(B, device=x.device)
             kv_len = int(positions.max()) + 1

@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from dsk.config import StageParams
+from dsk.tabular.params import TableParams
 
 Preset = Literal["tiny", "tiny-dense", "cpu", "small", "base"]
 
@@ -45,3 +46,9 @@ class Params(StageParams):
     keep_checkpoints: int = Field(3, ge=1, description="Keep the last N checkpoints.")
     profile: int = Field(0, ge=0, description="Profile N steps with torch.profiler: Chrome trace + top-ops table in the artifact.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+    # ---- tables (issue 12): on a table/features input pretrain trains dsk.tabular's classifier
+    table: TableParams = Field(
+        default_factory=TableParams,
+        description="Table classifier options, used when the input is a table or features artifact, e.g. "
+        "'{epochs: 100, dim: 64}' (see docs/tables.md); the options above are for language models.",
+    )

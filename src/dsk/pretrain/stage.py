@@ -53,6 +53,10 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
     store = store or Store.open()
     inputs = resolve_inputs(store, "pretrain", source)
     src = inputs[0]
+    if isinstance(src, Artifact) and src.kind in ("table", "features"):  # issue 12: the table classifier
+        from dsk.tabular.stage import run_pretrain
+
+        return run_pretrain(inputs=inputs, params=params, seed=seed, force=force, store=store)
     if not isinstance(src, Artifact) or src.kind != "tokens":
         what = f"a {src.kind!r} artifact" if isinstance(src, Artifact) else "a raw path"
         raise DskError(f"pretrain reads a tokens artifact from `dsk featurize` on text, got {what}; run `dsk featurize` first")

@@ -20,6 +20,10 @@ def run(*, source=None, params=None, seed=0, force=False, store=None):
     params = params or Params()
     check_params(params)
     inputs = resolve_inputs(store, "quantize", source)
+    if getattr(inputs[0], "kind", None) == "table-model":  # issue 12: the table classifier
+        from dsk.tabular.stage import run_quantize
+
+        return run_quantize(inputs=inputs, params=params, seed=seed, force=force, store=store)
     return run_stage(
         stage="quantize", params=params, inputs=inputs, build="dsk.quantize.build:build",
         seed=seed, force=force, store=store, stage_version="1",

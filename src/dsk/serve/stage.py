@@ -19,13 +19,17 @@ def resolve_model(store: Store, source: str | Path | None) -> Artifact:
     art = resolve_inputs(store, "serve", source)[0]
     if not isinstance(art, Artifact):
         raise DskError(f"{source!r} is not a model artifact; pass a model artifact id, tag or path")
-    if art.kind and art.kind != "model":
+    if art.kind and art.kind not in ("model", "table-model", "table-onnx"):
         raise DskError(f"artifact {art.id} is a {art.kind!r} artifact ({art.stage}), not a model; "
                        f"serve a pretrain, finetune, quantize or export artifact")
     return art
 
 
 def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
+    if art.kind in ("table-model", "table-onnx"):  # issue 12: POST /v1/predict, no text engine
+        from dsk.tabular.serving import build_table_app
+
+        return build_table_app(art, params, api_keys=api_keys)
     from dsk.serving.app import ServerConfig, create_app
     from dsk.serving.audit import AuditLog
     from dsk.serving.filter import ContentFilter
@@ -53,6 +57,10 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
 
     store = store or Store.open()
     art = resolve_model(store, source)
+    if art.kind in ("table-model", "table-onnx"):  # issue 12
+        from dsk.tabular.serving import serve_table
+
+        return serve_table(art, params)
     if params.threads:
         import torch
 
