@@ -14,7 +14,7 @@ from dsk.registry import LIFECYCLE
 
 # Stages whose command exists but exits 2 with "not implemented yet". Update this list as
 # stages land, so nobody mistakes a placeholder for a working stage.
-NOT_IMPLEMENTED = ["eval"]
+NOT_IMPLEMENTED: list[str] = []
 
 
 def test_help_lists_every_stage_in_lifecycle_order(cli):
@@ -33,8 +33,12 @@ def test_not_implemented_list_is_current():
     assert registry.not_implemented() == NOT_IMPLEMENTED
 
 
-@pytest.mark.parametrize("stage", NOT_IMPLEMENTED)
-def test_not_implemented_stages_exit_2(cli, stage):
+@pytest.mark.parametrize("stage", NOT_IMPLEMENTED or ["report"])
+def test_not_implemented_stages_exit_2(cli, stage, monkeypatch):
+    import dataclasses
+
+    if stage not in NOT_IMPLEMENTED:  # every stage has landed: check the mechanism on a stand-in
+        monkeypatch.setitem(registry.BY_NAME, stage, dataclasses.replace(registry.BY_NAME[stage], implemented=False))
     code, out, err = cli(stage)
     assert code == 2
     assert "not implemented yet" in err

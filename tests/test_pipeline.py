@@ -99,7 +99,6 @@ def test_until_stops_early(toy, raw, tmp_path):
         ("steps:\n  - stage: toy\n    from: later\n", "'from: later' names no earlier step"),
         ("steps: [\n", "not valid YAML"),
         ("stages: []\n", "expected a mapping with a 'steps' list"),
-        ("steps:\n  - stage: eval\n", "not implemented yet"),
     ],
 )
 def test_validation_errors_name_file_and_key(toy, tmp_path, body, message):
@@ -138,3 +137,11 @@ def test_run_cli_json_summary(toy, raw, tmp_path, cli):
     assert code == 0, err
     report = json.loads(out)
     assert [r["stage"] for r in report["steps"]] == ["toy", "toy"]
+
+
+def test_not_implemented_stage_is_rejected(toy, tmp_path, monkeypatch):
+    import dataclasses
+
+    monkeypatch.setitem(registry.BY_NAME, "report", dataclasses.replace(registry.BY_NAME["report"], implemented=False))
+    with pytest.raises(DskError, match="stage 'report' is not implemented yet"):
+        load_pipeline(write(tmp_path, "steps:\n  - stage: report\n"))

@@ -39,7 +39,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("serve", "Serve a model over an OpenAI-compatible HTTP API.",
               "dsk.serve", ("export", "quantize", "finetune", "pretrain"), implemented=True),
     StageSpec("eval", "Evaluate a model artifact on held-out data.",
-              "dsk.evaluate", ("export", "quantize", "finetune", "pretrain"), implemented=False),
+              "dsk.evaluate", ("export", "quantize", "finetune", "pretrain"), implemented=True),
     StageSpec("report", "An HTML report card for an artifact's lineage.",
               "dsk.report", ("eval", "export", "quantize", "finetune", "pretrain", "featurize", "augment", "clean"),
               implemented=True),

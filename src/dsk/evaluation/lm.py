@@ -80,7 +80,7 @@ def evaluate_lm(
 
     tokens, meta = read_val_tokens(tokens_artifact_dir)
     cfg = getattr(model, "cfg", None)
-    seq_len = seq_len or min(getattr(cfg, "max_seq_len", 256), 256)
+    seq_len = seq_len or min(getattr(cfg, "max_seq_len", getattr(model, "max_seq_len", 256)), 256)
     seq_len = min(seq_len, max(1, len(tokens) - 1))
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is not None and int(meta.get("vocab_size", 0)) > vocab:
