@@ -23,7 +23,8 @@ from rich.progress import (
 T = TypeVar("T")
 
 # stderr carries progress and human output so that --json output on stdout stays parseable.
-console = Console(stderr=True, highlight=False)
+# Off a terminal (logs, CI) Rich would wrap at 80 columns and fold ids in tables.
+console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 _state = {"quiet": False, "json": False}
 
 

@@ -139,9 +139,13 @@ def run_pipeline(
         source = step.input or (outputs[step.from_step] if step.from_step else previous)
         console.info(f"[bold]▶ {step.name}[/bold] ({step.stage})")
         module = load_stage(step.stage)
+        step_started = time.perf_counter()
         result = module.run(source=source, params=step.params, seed=step.seed, force=force, store=store)
-        if result is None:  # a step with no artifact (e.g. a serve smoke test)
-            rows.append({"step": step.name, "stage": step.stage, "id": "", "cached": False, "seconds": 0.0})
+        if result is None or isinstance(result, dict):  # a step with no artifact, e.g. a serve smoke test
+            metrics = {k: v for k, v in (result or {}).items() if isinstance(v, (bool, int, float))}
+            rows.append({"step": step.name, "stage": step.stage, "id": "", "cached": False,
+                         "seconds": round(time.perf_counter() - step_started, 3), "metrics": metrics,
+                         "key_metric": {k: metrics[k] for k in ("ok", "latency_s") if k in metrics} or None})
         else:
             summary = result.summary()
             summary["step"] = step.name
@@ -163,5 +167,5 @@ def print_summary(report: dict[str, Any]) -> None:
         metric = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in km.items())
         status = "[cyan]cached[/cyan]" if row.get("cached") else "[green]ran[/green]"
         table.add_row(row["step"], row["stage"], row.get("id", ""), status, f"{row.get('seconds', 0):.2f}", metric)
-    console.console.print(table, width=None if console.console.is_terminal else 140)
+    console.console.print(table)
     console.console.print(f"total {report['seconds']:.2f}s")

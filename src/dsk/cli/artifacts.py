@@ -70,7 +70,7 @@ def ls(
         table.add_row(a.id, a.stage, a.kind, _created(a), inputs,
                       human_size(a.manifest.get("size_bytes", 0)), _key_metric(a),
                       ", ".join(tags_by_id.get(a.id, [])))
-    console.console.print(table, width=None if console.console.is_terminal else 160)
+    console.console.print(table)
     if not arts:
         console.console.print("no artifacts yet: run `dsk run pipelines/default.yaml`")
 

@@ -88,5 +88,5 @@ def compare(*, refs: list[str], params: Params, seed: int, force: bool, store: S
             v = m.get(key)
             row.append(f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)))
         table.add_row(key, *row)
-    console.console.print(table, width=None if console.console.is_terminal else 160)
+    console.console.print(table)
     return None

@@ -278,12 +278,16 @@ def build(ctx: StageContext) -> None:
         order.append(art)
 
     visit(target)  # type: ignore[arg-type]
+    related = [a for a in ctx.extra_inputs if a.id not in seen]
+    for art in related:
+        seen.add(art.id)
+        edges.extend((i, art.id) for i in art.input_ids)
     ctx.log.info(f"report over {len(order)} artifact(s): " + " → ".join(a.stage for a in order))
 
     body = [f"<h1>{html.escape(ctx.params.title)}</h1>",
             f"<p>Lineage of <b>{html.escape(target.stage)}</b> <code>{target.id}</code>: "  # type: ignore[union-attr]
             + " → ".join(html.escape(a.stage) for a in order) + "</p><nav id=toc></nav>",
-            "<section id=graph><h2>artifact graph</h2>" + _img(_graph(order, edges, raws), "artifact graph") + "</section>"]
+            "<section id=graph><h2>artifact graph</h2>" + _img(_graph(order + related, edges, raws), "artifact graph") + "</section>"]
     if raws:
         rows = "".join(f"<tr><td>{html.escape(str(r.get('path')))}</td><td><code>{r.get('sha256', '')[:16]}</code></td>"
                        f"<td>{r.get('files')}</td><td>{human_size(int(r.get('bytes', 0)))}</td></tr>" for r in raws)
@@ -291,12 +295,16 @@ def build(ctx: StageContext) -> None:
                     f"<th>files</th><th>size</th></tr>{rows}</table></section>")
     for art in order:
         body.append(_section(art, ctx.params))
+    if related:
+        body.append("<h2 id=related>related artifacts</h2><p>Made from models of this lineage, but not on it.</p>")
+        for art in related:
+            body.append(_section(art, ctx.params))
     body.append(_serve_numbers())
     doc = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
            f"<title>{html.escape(ctx.params.title)}</title><style>{STYLE}</style>"
            f"<script>{TOC_SCRIPT}</script></head><body>{''.join(body)}</body></html>")
     (ctx.out / "report.html").write_text(doc, encoding="utf-8")
     ctx.kind = "report"
-    ctx.metrics = {"artifacts": len(order), "images": doc.count("<img "), "bytes": len(doc.encode())}
+    ctx.metrics = {"artifacts": len(order), "related": len(related), "images": doc.count("<img "), "bytes": len(doc.encode())}
     ctx.key_metric = "artifacts"
     ctx.log.info(f"wrote report.html ({human_size(len(doc.encode()))}, {ctx.metrics['images']} images)")
