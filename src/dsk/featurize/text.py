@@ -132,7 +132,7 @@ def encode_split(out: Path, tok: Tokenizer, split: str, texts: list[str], dtype:
         else:
             encoded = (tok.encode_batch(texts[s:e]) for s, e in bounds)
         for (s, e), result in zip(bounds, encoded):
-            if pool is not None:
+            if pool is not None:  # only byte-level BPE gets a pool (encode_workers): no unknown bytes
                 writer.add_flat(*result)
             else:
                 writer.add_many(result)
