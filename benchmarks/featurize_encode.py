@@ -5,8 +5,10 @@ The sample corpus (data/sample/tinyshakespeare.txt, split into paragraphs) is re
 ``encode_split`` (batched ``tokenizers`` encoding + memmap shard writing). Each variant runs
 in a fresh subprocess so that thread settings cannot leak between them:
 
-* ``dsk-2``: the stage's path as shipped, 2 threads allowed: ASCII documents take the
-  tokenizer's cached-regex fast path, others `tokenizers`' parallel ``encode_batch``;
+* ``dsk-2``: the stage's path as shipped: ASCII documents take the tokenizer's cached-regex
+  fast path in one worker process per core (pool start-up timed too), others `tokenizers`'
+  parallel ``encode_batch``; run under ``taskset -c 0,1`` on a bigger box to get 2 cores;
+* ``dsk-1``: the fast path in this one process (no worker pool);
 * ``library-2``: the fast path switched off: every batch through ``encode_batch`` on 2 threads;
 * ``library-1``: the same with TOKENIZERS_PARALLELISM=false (one core);
 * ``library-loop``: the naive baseline, one library ``encode()`` call per document.
@@ -32,7 +34,7 @@ REPO = HERE.parent
 SAMPLE = REPO / "data" / "sample" / "tinyshakespeare.txt"
 TWO = {"RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}
 ONE = {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-VARIANTS = {"dsk-2": TWO, "library-2": TWO, "library-1": ONE, "library-loop": ONE}
+VARIANTS = {"dsk-2": TWO, "dsk-1": ONE, "library-2": TWO, "library-1": ONE, "library-loop": ONE}
 TARGET_MB_S = 5.0
 
 
@@ -48,10 +50,14 @@ def measure(variant: str, target_mb: float, repeats: int) -> dict:
     sys.path.insert(0, str(REPO / "src"))
     from dsk.data.tokenizer import Tokenizer, train_bpe
     from dsk.data.shards import ShardWriter
-    from dsk.featurize.text import encode_split
+    from dsk.data.tokenizer import encode_pool, load_tokenizer
+    from dsk.featurize.text import encode_split, encode_workers
 
     paragraphs = [p for p in SAMPLE.read_text(encoding="utf-8").split("\n\n") if p.strip()]
-    tok = Tokenizer(train_bpe(paragraphs, vocab_size=1024))
+    tokenizer_dir = tempfile.mkdtemp()
+    tokenizer_path = Path(tokenizer_dir) / "tokenizer.json"
+    Tokenizer(train_bpe(paragraphs, vocab_size=1024)).save(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     texts = corpus(target_mb)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     times = []
@@ -59,11 +65,19 @@ def measure(variant: str, target_mb: float, repeats: int) -> dict:
         for _ in range(repeats):
             started = time.perf_counter()
             tok._word_cache.clear()  # every repeat starts cold
-            tok._fast_ascii = variant == "dsk-2"
+            tok._fast_ascii = variant.startswith("dsk")
             if variant == "library-loop":
                 with ShardWriter(out, "train", "uint16", tok.eot_id) as writer:
                     writer.add_many([tok.hf.encode(t, add_special_tokens=False).ids for t in texts])
                 n_tokens = writer.n_tokens
+            elif variant == "dsk-2":  # exactly what the stage does, pool start-up included
+                workers = encode_workers(tok, sum(len(t) for t in texts))
+                pool = encode_pool(tokenizer_path, workers) if workers > 1 else None
+                try:
+                    n_tokens = encode_split(Path(out), tok, "train", texts, "uint16", pool=pool)["tokens"]
+                finally:
+                    if pool is not None:
+                        pool.shutdown()
             else:
                 n_tokens = encode_split(Path(out), tok, "train", texts, "uint16")["tokens"]
             times.append(time.perf_counter() - started)
@@ -104,6 +118,7 @@ def main() -> int:
         "speedup_vs_library_loop": round(by["dsk-2"]["mb_per_s"] / by["library-loop"]["mb_per_s"], 2),
         "rows": rows,
         "cpu_count": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -284,6 +284,38 @@ def _is_plain_byte_level_bpe(hf) -> bool:
     )
 
 
+# ---- process pool: the ASCII fast path is Python, so a second core needs a second process
+_POOL_TOKENIZER: Tokenizer | None = None
+
+
+def _pool_init(path: str) -> None:
+    import os
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+    global _POOL_TOKENIZER
+    _POOL_TOKENIZER = load_tokenizer(path)
+
+
+def _pool_encode(job: tuple[list[str], str]):
+    from dsk.data.shards import flatten_documents
+
+    texts, dtype = job
+    assert _POOL_TOKENIZER is not None
+    return flatten_documents(_POOL_TOKENIZER.encode_batch(texts), _POOL_TOKENIZER.eot_id, dtype)
+
+
+def encode_pool(tokenizer_path: str | Path, workers: int):
+    """Worker processes (spawned, so no fork-with-threads hazards) that each load the tokenizer.
+
+    ``pool.map(_pool_encode, [(texts, dtype), ...])`` yields ``flatten_documents`` results in order.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_pool_init, initargs=(str(tokenizer_path),))
+
+
 def tokenizer_file(path: str | Path) -> Path:
     """``path`` itself if it is a file, else ``path/tokenizer.json``."""
     p = Path(path)
