@@ -13,18 +13,19 @@ comparing all pairs. Pairs found are clustered with union-find.
 from __future__ import annotations
 
 import itertools
-import re
+import string
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import sparse
 
-WORD_RE = re.compile(r"\w+")
+# punctuation becomes a word break; str.translate + split is ~2x faster than a \w+ regex
+_PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation + "‘’“”«»—–…¡¿·"})
 _VOTE_SLICE = 1 << 18  # shingles per slice of the vote: 64 MiB of float32 bits
 
 
 def words_of(text: str) -> list[str]:
-    return WORD_RE.findall(text.lower())
+    return text.lower().translate(_PUNCT_TO_SPACE).split()
 
 
 def hash_words(words: list[str]) -> np.ndarray:
