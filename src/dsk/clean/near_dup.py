@@ -28,12 +28,13 @@ def words_of(text: str) -> list[str]:
     return text.lower().translate(_PUNCT_TO_SPACE).split()
 
 
-def hash_words(words: list[str]) -> np.ndarray:
+def hash_words(words: list[str], salt: int = 0) -> np.ndarray:
     """Deterministic 64-bit hashes of words, vectorised (pandas' keyed SipHash; Python's own
     str hash is salted per process, so fingerprints would differ between workers and runs)."""
     import pandas as pd
 
-    return pd.util.hash_array(np.array(words, dtype=object), categorize=False).astype(np.uint64)
+    key = f"dsk-simhash-{salt:04d}"[:16]  # 16 bytes; a different salt gives an independent fingerprint
+    return pd.util.hash_array(np.array(words, dtype=object), hash_key=key, categorize=False).astype(np.uint64)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -87,7 +88,7 @@ def shingle_hashes(word_hashes: np.ndarray, doc_lengths: np.ndarray, shingle_siz
     return _mix64(combined[valid]), counts
 
 
-def simhash_batch(texts: Sequence[str], shingle_size: int) -> np.ndarray:
+def simhash_batch(texts: Sequence[str], shingle_size: int, salt: int = 0) -> np.ndarray:
     """64-bit SimHash fingerprints (uint64) of a batch of texts, vectorised over the batch."""
     lengths = np.empty(len(texts), np.int64)
     flat: list[str] = []
@@ -95,7 +96,7 @@ def simhash_batch(texts: Sequence[str], shingle_size: int) -> np.ndarray:
         w = words_of(text)
         lengths[i] = len(w)
         flat.extend(w)
-    word_hashes = hash_words(flat) if flat else np.zeros(0, np.uint64)
+    word_hashes = hash_words(flat, salt) if flat else np.zeros(0, np.uint64)
     sh, counts = shingle_hashes(word_hashes, lengths, shingle_size)
     if sh.size == 0:
         return np.zeros(len(texts), np.uint64)
