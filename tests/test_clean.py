@@ -91,6 +91,15 @@ def test_text_cache_hit_and_same_bytes(cli, text_corpus):
     assert (art / "documents.parquet").read_bytes() == first  # workers do not change the bytes
 
 
+def test_simhash_verify_end_to_end(cli, text_corpus):
+    code, out, err = cli("clean", str(text_corpus), "--simhash-k", "9", "--simhash-blocks", "12",
+                         "--simhash-verify", "20", "--json")
+    assert code == 0, err
+    rejects = pd.read_parquet(_artifact(out) / "rejects.parquet")
+    reason = dict(zip(rejects["doc_id"], rejects["reason"]))
+    assert reason[3] == "near_duplicate" and reason[5] == "near_duplicate" and 4 not in reason and 7 not in reason
+
+
 def test_minhash_method_end_to_end(cli, text_corpus):
     code, out, err = cli("clean", str(text_corpus), "--method", "minhash", "--shingle-size", "1", "--json")
     assert code == 0, err

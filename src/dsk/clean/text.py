@@ -126,7 +126,7 @@ class BatchResult:
     reasons: list[str | None]
     hashes: np.ndarray          # int64 exact hash per doc
     eligible: np.ndarray        # bool: takes part in near-dup detection
-    fingerprints: np.ndarray    # uint64 SimHash, or uint64 [n, perms] MinHash signatures
+    fingerprints: np.ndarray    # uint64 [n, 1 or 2] SimHash, or uint64 [n, perms] MinHash signatures
     pii: Counter[str] = field(default_factory=Counter)
 
 
@@ -170,9 +170,11 @@ def process_batch(raw: list[tuple[str, str | None]]) -> BatchResult:
         if chosen:
             fps[eligible] = near_dup.minhash_signatures(chosen, p.shingle_size, p.minhash_perms)
     else:
-        fps = np.zeros(len(raw), np.uint64)
+        n_fp = 1 if p.simhash_verify is None else 2
+        fps = np.zeros((len(raw), n_fp), np.uint64)
         if chosen:
-            fps[eligible] = near_dup.simhash_batch(chosen, p.shingle_size)
+            for salt in range(n_fp):
+                fps[eligible, salt] = near_dup.simhash_batch(chosen, p.shingle_size, salt=salt)
     return BatchResult(texts, reasons, hashes, eligible, fps, pii)
 
 
@@ -415,7 +417,9 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
                 if p.method == "minhash":
                     local = near_dup.minhash_pairs(fp_arr[cand], p.minhash_threshold, p.minhash_perms)
                 else:
-                    local = near_dup.simhash_pairs(fp_arr[cand], p.simhash_k, p.simhash_blocks)
+                    local = near_dup.simhash_pairs(fp_arr[cand, 0], p.simhash_k, p.simhash_blocks)
+                    if p.simhash_verify is not None:
+                        local = near_dup.verify_pairs(local, fp_arr[cand], p.simhash_verify)
                 advance(1, status=f"{len(local):,} pairs")
             n_pairs = len(local)
             uf.union_pairs(cand[local])
