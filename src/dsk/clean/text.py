@@ -324,6 +324,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
     pii_counts: Counter[str] = Counter()
     hashes: list[np.ndarray] = []
     eligible: list[np.ndarray] = []
+    passed_parts: list[np.ndarray] = []
     fps: list[np.ndarray] = []
     n_docs = 0
     input_chars = 0
@@ -372,6 +373,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
                     "line": np.array([b[1] for b in batch], np.int64), "reason": res.reasons,
                 }, schema=SPILL_SCHEMA))
                 hashes.append(res.hashes)
+                passed_parts.append(np.array([r is None for r in res.reasons], bool))
                 eligible.append(res.eligible)
                 fps.append(res.fingerprints)
                 pii_counts.update(res.pii)
@@ -393,8 +395,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
         raise DskError(f"no documents in {str(path)!r} ({why}); give a non-empty .txt/.jsonl/.parquet text input")
 
     # ---- decide: filters were applied in pass 1; now exact and near duplicates
-    reasons_table = pq.read_table(spill_path, columns=["reason"]).column(0).to_pylist()
-    passed = np.array([r is None for r in reasons_table])
+    passed = np.concatenate(passed_parts)
     hash_arr = np.concatenate(hashes)
     elig_arr = np.concatenate(eligible)
     fp_arr = np.concatenate(fps)
