@@ -102,13 +102,24 @@ def simhash_batch(texts: Sequence[str], shingle_size: int, salt: int = 0) -> np.
         return np.zeros(len(texts), np.uint64)
     # a set of shingles per document (as MinHash uses): repeats of frequent words or lines
     # would otherwise dominate the vote and pull unrelated documents together
-    doc_of = np.repeat(np.arange(len(texts)), counts)
-    order = np.lexsort((sh, doc_of))
-    sh, doc_of = sh[order], doc_of[order]
-    first = np.ones(sh.size, bool)
-    first[1:] = (sh[1:] != sh[:-1]) | (doc_of[1:] != doc_of[:-1])
-    sh = sh[first]
-    counts = np.bincount(doc_of[first], minlength=len(texts)).astype(np.int64)
+    if len(texts) < 1 << 24:
+        # one uint64 sort key = (document << 40) | top 40 bits of the shingle hash: np.sort of
+        # plain integers is ~8x faster than np.lexsort; the 40 bits are re-mixed to 64 below
+        key = (np.repeat(np.arange(len(texts), dtype=np.uint64), counts) << np.uint64(40)) | (sh >> np.uint64(24))
+        key = np.sort(key)
+        first = np.ones(key.size, bool)
+        first[1:] = key[1:] != key[:-1]
+        key = key[first]
+        counts = np.bincount((key >> np.uint64(40)).astype(np.int64), minlength=len(texts)).astype(np.int64)
+        sh = _mix64(key & np.uint64((1 << 40) - 1))
+    else:
+        doc_of = np.repeat(np.arange(len(texts)), counts)
+        order = np.lexsort((sh, doc_of))
+        sh, doc_of = sh[order], doc_of[order]
+        first = np.ones(sh.size, bool)
+        first[1:] = (sh[1:] != sh[:-1]) | (doc_of[1:] != doc_of[:-1])
+        sh = sh[first]
+        counts = np.bincount(doc_of[first], minlength=len(texts)).astype(np.int64)
     # bit b of the fingerprint is the majority vote of bit b over the document's shingles;
     # per-document sums as a sparse (docs x shingles) product, in slices that bound memory
     ends = np.cumsum(counts)
