@@ -37,6 +37,8 @@ def make_corpus(n_docs: int, n_per_rate: int, seed: int = 0) -> tuple[list[str],
     rng.shuffle(vocab)
     zipf = 1.0 / np.arange(1, len(vocab) + 1)
     zipf /= zipf.sum()
+    cdf = np.cumsum(zipf)
+    cdf[-1] = 1.0
     n_base = n_docs - n_per_rate * len(EDIT_RATES)
     lengths = rng.integers(80, 301, size=n_base)
     words = vocab[rng.choice(len(vocab), size=int(lengths.sum()), p=zipf)]
@@ -57,12 +59,12 @@ def make_corpus(n_docs: int, n_per_rate: int, seed: int = 0) -> tuple[list[str],
             out = []
             for w in docs[src].split():
                 u = rng.random()
-                if u < rate * 0.70:
-                    out.append(vocab[rng.choice(len(vocab), p=zipf)] if False else vocab[int(rng.integers(len(vocab)))] if u < rate * 0.35 else vocab[min(int(rng.zipf(1.3)), len(vocab)) - 1])
-                elif u < rate * 0.85:
+                if u < rate * 0.70:    # substitution by a word drawn from the same Zipf law
+                    out.append(vocab[int(np.searchsorted(cdf, rng.random()))])
+                elif u < rate * 0.85:  # deletion
                     continue
-                elif u < rate:
-                    out += [w, vocab[int(rng.integers(len(vocab)))]]
+                elif u < rate:         # insertion after the word
+                    out += [w, vocab[int(np.searchsorted(cdf, rng.random()))]]
                 else:
                     out.append(w)
             truth[(int(src), len(docs))] = rate
@@ -80,13 +82,13 @@ def make_corpus(n_docs: int, n_per_rate: int, seed: int = 0) -> tuple[list[str],
     return docs, truth, set(boiler_of.tolist())  # type: ignore[return-value]
 
 
-def _simhash_chunk(args: tuple[list[str], int]) -> np.ndarray:
-    texts, s = args
-    return near_dup.simhash_batch(texts, s)
+def _simhash_chunk(args: tuple[list[str], int, int]) -> np.ndarray:
+    texts, s, n_fp = args
+    return np.stack([near_dup.simhash_batch(texts, s, salt=salt) for salt in range(n_fp)], axis=1)
 
 
-def simhash_fingerprints(docs: list[str], shingle: int, workers: int) -> tuple[np.ndarray, float]:
-    chunks = [(docs[i:i + 2048], shingle) for i in range(0, len(docs), 2048)]
+def simhash_fingerprints(docs: list[str], shingle: int, workers: int, n_fp: int) -> tuple[np.ndarray, float]:
+    chunks = [(docs[i:i + 2048], shingle, n_fp) for i in range(0, len(docs), 2048)]
     t0 = time.perf_counter()
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
@@ -135,24 +137,30 @@ def main() -> int:
     print(f"corpus: {len(docs):,} docs, {len(truth):,} planted pairs, built in {time.perf_counter() - t0:.0f}s", flush=True)
     workers = min(2, os.cpu_count() or 1)
     rows = []
-    settings = [(1, 3, 6), (1, 6, 9), (1, 8, 11), (2, 3, 6), (2, 6, 9)]
-    fp_cache: dict[tuple[int, int], tuple[np.ndarray, float]] = {}
-    for shingle, k, blocks in settings:
+    # (shingle size, k, blocks, verify): verify = max distance summed over two fingerprints
+    settings = [(1, 3, 6, None), (1, 6, 9, None), (1, 8, 11, None), (1, 9, 12, None),
+                (1, 8, 11, 20), (1, 9, 12, 20), (2, 3, 6, None)]
+    fp_cache: dict[tuple[int, int, int], tuple[np.ndarray, float]] = {}
+    for shingle, k, blocks, verify in settings:
+        n_fp = 1 if verify is None else 2
         for w in sorted({1, workers}):
-            if (shingle, w) not in fp_cache:
-                fp_cache[(shingle, w)] = simhash_fingerprints(docs, shingle, w)
-        fps, fp_s = fp_cache[(shingle, workers)]
-        fp_s1 = fp_cache[(shingle, 1)][1]
+            if (shingle, w, n_fp) not in fp_cache:
+                fp_cache[(shingle, w, n_fp)] = simhash_fingerprints(docs, shingle, w, n_fp)
+        fps, fp_s = fp_cache[(shingle, workers, n_fp)]
+        fp_s1 = fp_cache[(shingle, 1, n_fp)][1]
         t1 = time.perf_counter()
-        pairs = near_dup.simhash_pairs(fps, k, blocks)
+        pairs = near_dup.simhash_pairs(fps[:, 0], k, blocks)
+        if verify is not None:
+            pairs = near_dup.verify_pairs(pairs, fps, verify)
         idx_s = time.perf_counter() - t1
         got = {(int(a), int(b)) for a, b in pairs}
-        row = {"method": f"SimHash s={shingle} k={k} b={blocks}", **score(got, truth),
+        name = f"SimHash s={shingle} k={k} b={blocks}" + (f" verify<={verify}" if verify is not None else "")
+        row = {"method": name, **score(got, truth),
                "docs_per_s": round(len(docs) / (fp_s + idx_s)), "docs_per_s_1proc": round(len(docs) / (fp_s1 + idx_s)),
                "fingerprint_s": round(fp_s, 2), "index_s": round(idx_s, 2)}
         rows.append(row)
         print(row, flush=True)
-    for shingle in (1, 2):
+    for shingle in (1, 3):
         got, secs = minhash_lsh(docs, shingle)
         row = {"method": f"MinHashLSH s={shingle} (128 perms, t=0.8)", **score(got, truth),
                "docs_per_s": round(len(docs) / secs), "docs_per_s_1proc": round(len(docs) / secs),

@@ -91,6 +91,15 @@ def test_text_cache_hit_and_same_bytes(cli, text_corpus):
     assert (art / "documents.parquet").read_bytes() == first  # workers do not change the bytes
 
 
+def test_simhash_verify_end_to_end(cli, text_corpus):
+    code, out, err = cli("clean", str(text_corpus), "--simhash-k", "9", "--simhash-blocks", "12",
+                         "--simhash-verify", "20", "--json")
+    assert code == 0, err
+    rejects = pd.read_parquet(_artifact(out) / "rejects.parquet")
+    reason = dict(zip(rejects["doc_id"], rejects["reason"]))
+    assert reason[3] == "near_duplicate" and reason[5] == "near_duplicate" and 4 not in reason and 7 not in reason
+
+
 def test_minhash_method_end_to_end(cli, text_corpus):
     code, out, err = cli("clean", str(text_corpus), "--method", "minhash", "--shingle-size", "1", "--json")
     assert code == 0, err
@@ -155,3 +164,19 @@ def test_errors_exit_2_one_line_nothing_written(cli, workspace, tmp_path, args, 
     assert len(lines) == 1 and needle in lines[0], err
     assert not (workspace / "artifacts" / "clean").exists() or not any((workspace / "artifacts" / "clean").iterdir())
     assert {p: p.read_bytes() for p in before} == before
+
+
+def test_parquet_kind_detection(cli, tmp_path):
+    rng = random.Random(5)
+    vocab = vocabulary()
+    texts = [document(rng, vocab, 30) for _ in range(5)]
+    pd.DataFrame({"body": texts + [texts[0]], "n": range(6)}).to_parquet(tmp_path / "docs.parquet")
+    code, out, err = cli("clean", str(tmp_path / "docs.parquet"), "--text-field", "body", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["kind"] == "text" and summary["metrics"]["rejects_by_reason"] == {"exact_duplicate": 1}
+    docs = pd.read_parquet(_artifact(out) / "documents.parquet")
+    assert docs["line"].tolist() == [1, 2, 3, 4, 5]  # parquet rows, 1-based
+    code, out, err = cli("clean", str(tmp_path / "docs.parquet"), "--json")  # no 'text' column: a table
+    assert code == 0, err
+    assert json.loads(out)["kind"] == "table"

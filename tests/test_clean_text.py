@@ -112,3 +112,15 @@ def test_minhash_pairs_with_jaccard_check():
 def test_params_cross_checks(bad):
     with pytest.raises(ValueError):
         Params(**bad)
+
+
+def test_verify_pairs_keeps_only_pairs_close_in_both_fingerprints():
+    rng = random.Random(4)
+    vocab = vocabulary()
+    a = document(rng, vocab, 300)
+    docs = [a, edit_words(rng, a, vocab, 3), document(rng, vocab, 300)]
+    fps = np.stack([near_dup.simhash_batch(docs, 1, salt=s) for s in (0, 1)], axis=1)
+    assert near_dup.hamming(fps[0, 0], fps[0, 1]) > 10  # the salts give independent fingerprints
+    pairs = np.array([[0, 1], [0, 2]])
+    assert near_dup.verify_pairs(pairs, fps, 20).tolist() == [[0, 1]]
+    assert near_dup.verify_pairs(pairs, fps, 128).tolist() == [[0, 1], [0, 2]]

@@ -13,26 +13,28 @@ comparing all pairs. Pairs found are clustered with union-find.
 from __future__ import annotations
 
 import itertools
-import re
+import string
 from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import sparse
 
-WORD_RE = re.compile(r"\w+")
+# punctuation becomes a word break; str.translate + split is ~2x faster than a \w+ regex
+_PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation + "‘’“”«»—–…¡¿·"})
 _VOTE_SLICE = 1 << 18  # shingles per slice of the vote: 64 MiB of float32 bits
 
 
 def words_of(text: str) -> list[str]:
-    return WORD_RE.findall(text.lower())
+    return text.lower().translate(_PUNCT_TO_SPACE).split()
 
 
-def hash_words(words: list[str]) -> np.ndarray:
+def hash_words(words: list[str], salt: int = 0) -> np.ndarray:
     """Deterministic 64-bit hashes of words, vectorised (pandas' keyed SipHash; Python's own
     str hash is salted per process, so fingerprints would differ between workers and runs)."""
     import pandas as pd
 
-    return pd.util.hash_array(np.array(words, dtype=object), categorize=False).astype(np.uint64)
+    key = f"dsk-simhash-{salt:04d}"[:16]  # 16 bytes; a different salt gives an independent fingerprint
+    return pd.util.hash_array(np.array(words, dtype=object), hash_key=key, categorize=False).astype(np.uint64)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -86,7 +88,7 @@ def shingle_hashes(word_hashes: np.ndarray, doc_lengths: np.ndarray, shingle_siz
     return _mix64(combined[valid]), counts
 
 
-def simhash_batch(texts: Sequence[str], shingle_size: int) -> np.ndarray:
+def simhash_batch(texts: Sequence[str], shingle_size: int, salt: int = 0) -> np.ndarray:
     """64-bit SimHash fingerprints (uint64) of a batch of texts, vectorised over the batch."""
     lengths = np.empty(len(texts), np.int64)
     flat: list[str] = []
@@ -94,19 +96,30 @@ def simhash_batch(texts: Sequence[str], shingle_size: int) -> np.ndarray:
         w = words_of(text)
         lengths[i] = len(w)
         flat.extend(w)
-    word_hashes = hash_words(flat) if flat else np.zeros(0, np.uint64)
+    word_hashes = hash_words(flat, salt) if flat else np.zeros(0, np.uint64)
     sh, counts = shingle_hashes(word_hashes, lengths, shingle_size)
     if sh.size == 0:
         return np.zeros(len(texts), np.uint64)
     # a set of shingles per document (as MinHash uses): repeats of frequent words or lines
     # would otherwise dominate the vote and pull unrelated documents together
-    doc_of = np.repeat(np.arange(len(texts)), counts)
-    order = np.lexsort((sh, doc_of))
-    sh, doc_of = sh[order], doc_of[order]
-    first = np.ones(sh.size, bool)
-    first[1:] = (sh[1:] != sh[:-1]) | (doc_of[1:] != doc_of[:-1])
-    sh = sh[first]
-    counts = np.bincount(doc_of[first], minlength=len(texts)).astype(np.int64)
+    if len(texts) < 1 << 24:
+        # one uint64 sort key = (document << 40) | top 40 bits of the shingle hash: np.sort of
+        # plain integers is ~8x faster than np.lexsort; the 40 bits are re-mixed to 64 below
+        key = (np.repeat(np.arange(len(texts), dtype=np.uint64), counts) << np.uint64(40)) | (sh >> np.uint64(24))
+        key = np.sort(key)
+        first = np.ones(key.size, bool)
+        first[1:] = key[1:] != key[:-1]
+        key = key[first]
+        counts = np.bincount((key >> np.uint64(40)).astype(np.int64), minlength=len(texts)).astype(np.int64)
+        sh = _mix64(key & np.uint64((1 << 40) - 1))
+    else:
+        doc_of = np.repeat(np.arange(len(texts)), counts)
+        order = np.lexsort((sh, doc_of))
+        sh, doc_of = sh[order], doc_of[order]
+        first = np.ones(sh.size, bool)
+        first[1:] = (sh[1:] != sh[:-1]) | (doc_of[1:] != doc_of[:-1])
+        sh = sh[first]
+        counts = np.bincount(doc_of[first], minlength=len(texts)).astype(np.int64)
     # bit b of the fingerprint is the majority vote of bit b over the document's shingles;
     # per-document sums as a sparse (docs x shingles) product, in slices that bound memory
     ends = np.cumsum(counts)
@@ -188,6 +201,20 @@ def simhash_pairs(fingerprints: np.ndarray, k: int, n_blocks: int) -> np.ndarray
         return np.zeros((0, 2), np.int64)
     out = np.concatenate(pairs).astype(np.int64)
     return np.sort(out, axis=1)
+
+
+def verify_pairs(pairs: np.ndarray, fingerprints: np.ndarray, max_distance: int) -> np.ndarray:
+    """Keep the pairs whose distance summed over all fingerprint columns is <= max_distance.
+
+    The index finds pairs with the first 64-bit fingerprint; an independent second one cuts
+    the pairs that were close by chance (a false pair is rarely unlucky twice), so k can grow
+    for recall without losing precision.
+    """
+    if not len(pairs):
+        return pairs
+    a, b = fingerprints[pairs[:, 0]], fingerprints[pairs[:, 1]]
+    distance = hamming(a, b).astype(np.int64).reshape(len(pairs), -1).sum(axis=1)
+    return pairs[distance <= max_distance]
 
 
 class UnionFind:

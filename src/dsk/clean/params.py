@@ -40,9 +40,11 @@ class Params(StageParams):
     near_dup: bool = Field(True, description="Remove near-duplicates (SimHash or MinHash-LSH, see --method).")
     method: Literal["simhash", "minhash"] = Field(
         "simhash", description="Near-duplicate method: 64-bit SimHash with a block-permutation index, or datasketch MinHash-LSH.")
-    shingle_size: int = Field(2, ge=1, le=16, description="Words per shingle for near-duplicate fingerprints.")
+    shingle_size: int = Field(1, ge=1, le=16, description="Words per shingle for near-duplicate fingerprints (1 = the set of words; measured best for SimHash in benchmarks/clean_dedup.py).")
     simhash_k: int = Field(3, ge=0, le=16, description="SimHash: documents within this Hamming distance (of 64 bits) are duplicates.")
     simhash_blocks: int = Field(6, ge=2, le=32, description="SimHash index: split fingerprints into this many blocks (> simhash_k); C(blocks, k) tables.")
+    simhash_verify: Optional[int] = Field(
+        None, ge=0, le=128, description="SimHash: if set, a second independent 64-bit SimHash confirms each pair found within simhash_k: the distance summed over both (128 bits) must be <= this. Allows a larger k at high precision (benchmarks: k=9, verify=20).")
     minhash_threshold: float = Field(0.8, gt=0, le=1, description="MinHash: Jaccard similarity at or above which documents are duplicates.")
     minhash_perms: int = Field(128, ge=16, le=1024, description="MinHash: number of permutations.")
     near_dup_min_words: int = Field(5, ge=1, description="Only documents with at least this many words take part in near-dup detection (short ones: exact dedup only).")

@@ -16,7 +16,7 @@ from dsk.clean.params import Params
 from dsk.errors import DskError
 from dsk.runtime import StageContext, StageResult, resolve_inputs, run_stage
 
-STAGE_VERSION = "1"
+STAGE_VERSION = "1"  # bump when the same params give different bytes
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".jsonl"}
 TABLE_SUFFIXES = {".csv", ".tsv"}
 

@@ -126,7 +126,7 @@ class BatchResult:
     reasons: list[str | None]
     hashes: np.ndarray          # int64 exact hash per doc
     eligible: np.ndarray        # bool: takes part in near-dup detection
-    fingerprints: np.ndarray    # uint64 SimHash, or uint64 [n, perms] MinHash signatures
+    fingerprints: np.ndarray    # uint64 [n, 1 or 2] SimHash, or uint64 [n, perms] MinHash signatures
     pii: Counter[str] = field(default_factory=Counter)
 
 
@@ -170,9 +170,11 @@ def process_batch(raw: list[tuple[str, str | None]]) -> BatchResult:
         if chosen:
             fps[eligible] = near_dup.minhash_signatures(chosen, p.shingle_size, p.minhash_perms)
     else:
-        fps = np.zeros(len(raw), np.uint64)
+        n_fp = 1 if p.simhash_verify is None else 2
+        fps = np.zeros((len(raw), n_fp), np.uint64)
         if chosen:
-            fps[eligible] = near_dup.simhash_batch(chosen, p.shingle_size)
+            for salt in range(n_fp):
+                fps[eligible, salt] = near_dup.simhash_batch(chosen, p.shingle_size, salt=salt)
     return BatchResult(texts, reasons, hashes, eligible, fps, pii)
 
 
@@ -322,6 +324,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
     pii_counts: Counter[str] = Counter()
     hashes: list[np.ndarray] = []
     eligible: list[np.ndarray] = []
+    passed_parts: list[np.ndarray] = []
     fps: list[np.ndarray] = []
     n_docs = 0
     input_chars = 0
@@ -370,6 +373,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
                     "line": np.array([b[1] for b in batch], np.int64), "reason": res.reasons,
                 }, schema=SPILL_SCHEMA))
                 hashes.append(res.hashes)
+                passed_parts.append(np.array([r is None for r in res.reasons], bool))
                 eligible.append(res.eligible)
                 fps.append(res.fingerprints)
                 pii_counts.update(res.pii)
@@ -391,8 +395,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
         raise DskError(f"no documents in {str(path)!r} ({why}); give a non-empty .txt/.jsonl/.parquet text input")
 
     # ---- decide: filters were applied in pass 1; now exact and near duplicates
-    reasons_table = pq.read_table(spill_path, columns=["reason"]).column(0).to_pylist()
-    passed = np.array([r is None for r in reasons_table])
+    passed = np.concatenate(passed_parts)
     hash_arr = np.concatenate(hashes)
     elig_arr = np.concatenate(eligible)
     fp_arr = np.concatenate(fps)
@@ -415,7 +418,9 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
                 if p.method == "minhash":
                     local = near_dup.minhash_pairs(fp_arr[cand], p.minhash_threshold, p.minhash_perms)
                 else:
-                    local = near_dup.simhash_pairs(fp_arr[cand], p.simhash_k, p.simhash_blocks)
+                    local = near_dup.simhash_pairs(fp_arr[cand, 0], p.simhash_k, p.simhash_blocks)
+                    if p.simhash_verify is not None:
+                        local = near_dup.verify_pairs(local, fp_arr[cand], p.simhash_verify)
                 advance(1, status=f"{len(local):,} pairs")
             n_pairs = len(local)
             uf.union_pairs(cand[local])
