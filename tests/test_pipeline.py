@@ -145,3 +145,22 @@ def test_not_implemented_stage_is_rejected(toy, tmp_path, monkeypatch):
     monkeypatch.setitem(registry.BY_NAME, "report", dataclasses.replace(registry.BY_NAME["report"], implemented=False))
     with pytest.raises(DskError, match="stage 'report' is not implemented yet"):
         load_pipeline(write(tmp_path, "steps:\n  - stage: report\n"))
+
+
+def test_model_level_validator_errors_are_one_line():
+    from pydantic import model_validator
+
+    from dsk.config import StageParams, build_params
+
+    class Pair(StageParams):
+        low: int = 0
+        high: int = 1
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.low >= self.high:
+                raise ValueError("low must be below high")
+            return self
+
+    with pytest.raises(DskError, match="low must be below high"):
+        build_params(Pair, {"low": 3, "high": 2}, where="x")

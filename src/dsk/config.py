@@ -77,8 +77,9 @@ def build_params(
         return schema(**dict(values))
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err.get("loc", ())) or "?"
-        field = schema.model_fields.get(str(err.get("loc", ("",))[0]))
+        loc = tuple(err.get("loc", ()))
+        key = ".".join(str(p) for p in loc) or "params"  # a model-level validator has no location
+        field = schema.model_fields.get(str(loc[0])) if loc else None
         expected = describe_type(field.annotation) if field is not None else ""
         got = err.get("input")
         msg = err.get("msg", "invalid value")
