@@ -118,7 +118,8 @@ def scrape(url: str) -> dict[str, float]:
 
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
-    for name in ("dsk_generated_tokens_total", "process_resident_memory_bytes", "dsk_running_batch_size",
+    for name in ("dsk_generated_tokens_total", "dsk_engine_steps_total", "dsk_engine_busy_seconds_total",
+                 "dsk_engine_forward_seconds_total", "process_resident_memory_bytes", "dsk_running_batch_size",
                  "dsk_queue_depth", "dsk_cuda_memory_allocated_bytes", "dsk_cuda_max_memory_allocated_bytes"):
         m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
         if m:
@@ -199,11 +200,18 @@ async def run_phase(url: str, model: str, clients: int, duration: float, max_tok
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     generated = after["dsk_generated_tokens_total"] - before["dsk_generated_tokens_total"]
+    steps = max(after["dsk_engine_steps_total"] - before["dsk_engine_steps_total"], 1)
+    busy = after["dsk_engine_busy_seconds_total"] - before["dsk_engine_busy_seconds_total"]
+    forward = after["dsk_engine_forward_seconds_total"] - before["dsk_engine_forward_seconds_total"]
     return {
         "clients": clients,
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(generated / elapsed, 1),
         "completed": len(stats["latency"]),
+        # where the server's time went: a step's mean time, the forward pass's part of it, and
+        # the share of wall time the engine thread was stepping at all
+        "step_ms": round(busy / steps * 1000, 2), "forward_ms": round(forward / steps * 1000, 2),
+        "engine_busy": round(busy / elapsed, 3), "tokens_per_step": round(generated / steps, 2),
         "ttft_p50_s": pct(stats["ttft"], 50), "ttft_p95_s": pct(stats["ttft"], 95),
         "latency_p50_s": pct(stats["latency"], 50), "latency_p95_s": pct(stats["latency"], 95),
         "errors": stats["errors"], "error_kinds": sorted(set(stats["error_kinds"]))[:5],
@@ -249,7 +257,9 @@ class Server:
         result["max_batch_size"] = self.max_batch_size
         print(f"  batch≤{self.max_batch_size:<3} clients={clients:<3} {result['tokens_per_s']:>8.1f} tok/s  "
               f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
-              f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB", flush=True)
+              f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB  "
+              f"step {result['step_ms']}ms (forward {result['forward_ms']}ms, busy {result['engine_busy']:.0%}, "
+              f"{result['tokens_per_step']} tok/step)", flush=True)
         return result
 
     def stop(self) -> None:

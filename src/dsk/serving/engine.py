@@ -167,6 +167,8 @@ class Engine:
         self.steps = 0
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
+        self.busy_seconds = 0.0  # inside scheduler steps
+        self.forward_seconds = 0.0  # inside the model's forward passes (prefill + decode)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -276,11 +278,13 @@ class Engine:
         self._fail_all("the server is shutting down", code=503)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         self._drop_finished_requests()
         self._admit()
         if self._running:
             self._decode()
         self.steps += 1
+        self.busy_seconds += time.perf_counter() - started
 
     def _drop_finished_requests(self) -> None:
         now = time.monotonic()
@@ -356,15 +360,22 @@ class Engine:
         m = self.model
         # the trunk, then the head on each row's last real token only: full [k, T, V] logits
         # would cost k*T*V floats for nothing
+        started = time.perf_counter()
         hidden, _, _ = m.trunk(m.embed(idx), positions, view)
         last = hidden[torch.arange(k, device=self.device), lengths - 1]
-        return m.head(m.norm(last)).float()
+        logits = m.head(m.norm(last)).float()
+        self.forward_seconds += time.perf_counter() - started
+        return logits
 
     def _decode(self) -> None:
         n = len(self._running)
         idx = torch.tensor([[c.out_ids[-1]] for c in self._running], dtype=torch.long, device=self.device)
         start = torch.tensor([c.pos for c in self._running], dtype=torch.long, device=self.device)
+        started = time.perf_counter()
         logits = self.model(idx, cache=self._cache_rows(0, n), start_pos=start).logits[:, -1]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so forward_seconds means the forward pass
+        self.forward_seconds += time.perf_counter() - started
         for c in self._running:
             c.pos += 1
         tokens = sample_next(logits, [c.sampler for c in self._running]).tolist()

@@ -15,6 +15,8 @@ from dsk.serving.filter import ContentFilter
 def pick_device(device: str) -> str:
     import torch
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise DskError(f"device {device!r} is not one of auto, cpu, cuda")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
