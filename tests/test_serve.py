@@ -46,6 +46,16 @@ LONG = {"ignore_eos": True}  # a random model may emit a special token early; th
 # --------------------------------------------------------------------------- fixtures
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # decode steps are many tiny ops: on a busy 2-core machine OpenMP's spin-waits make two
+    # threads several times slower than one (see docs/serve.md)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A real model artifact payload: tiny DeepSeek-style Transformer + a trained BPE tokenizer."""
@@ -327,11 +337,12 @@ def test_full_queue_is_429_with_retry_after(model_dir):
 
 
 def test_request_timeout_is_504(model_dir):
-    with serving(model_dir, request_timeout_s=0.2) as srv:
+    with serving(model_dir, request_timeout_s=0.05) as srv:
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), timeout=60,
                        json={"prompt": "a", "max_tokens": 250, **LONG})
         assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
-        assert srv.engine.running == 0
+        wait_for(lambda: srv.engine.running == 0, timeout_s=5, what="the timed-out row to be freed")
+        assert srv.engine.generated_tokens_total < 250
 
 
 def test_disconnect_frees_the_slot(model_dir):
@@ -350,6 +361,9 @@ def test_disconnect_frees_the_slot(model_dir):
                        json={"prompt": "b", "max_tokens": 250, **LONG})
         wait_for(lambda: srv.engine.running == 0, timeout_s=5, what="the waiting slot to be freed")
         assert srv.engine.generated_tokens_total - before < 200
+        # and its handler has finished (no coroutine left waiting): it is counted as 499
+        wait_for(lambda: 'endpoint="/v1/completions",status="499"' in httpx.get(srv.url + "/metrics").text,
+                 timeout_s=5, what="the abandoned request's handler to finish")
         # and the slot serves the next request
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "c", "max_tokens": 2, **LONG})
         assert r.status_code == 200
@@ -394,29 +408,31 @@ def test_n_choices_and_stop_strings(server):
 
 def test_continuous_batching_short_requests_do_not_wait(model_dir):
     """Requests join and leave the running batch between decode steps; results stay exact."""
+    import queue
+
     from dsk.models import load_model
+    from dsk.serving.engine import collect, iter_queue
 
     engine, codec = load_engine(model_dir, max_batch_size=2)
     engine.start()
     model, _, _ = load_model(model_dir)
     try:
-        done_at: dict[str, float] = {}
-        results = {}
-        specs = {"long": ("ROMEO:", 120), "short": ("JULIET:", 5), "mid": ("Nurse:", 30)}
+        specs = {"long": ("ROMEO:", 80), "short": ("JULIET:", 5), "mid": ("Nurse:", 30)}
+        order: list[str] = []
+        queues, requests = {}, {}
+        for name, (prompt, n) in specs.items():  # mid waits for a free row: the batch holds 2
+            q = queue.Queue()
 
-        def run(name):
-            prompt, n = specs[name]
-            results[name] = engine.generate(codec.encode(prompt), SamplingParams(temperature=0, max_tokens=n,
-                                                                                  ignore_eos=True))
-            done_at[name] = time.monotonic()
+            def on_event(ev, name=name, q=q):
+                if ev.kind == "done":
+                    order.append(name)
+                q.put(ev)
 
-        threads = [threading.Thread(target=run, args=(name,)) for name in specs]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join()
-        assert done_at["short"] < done_at["long"] and done_at["mid"] < done_at["long"]
+            queues[name] = q
+            requests[name] = engine.submit(codec.encode(prompt), SamplingParams(temperature=0, max_tokens=n,
+                                                                               ignore_eos=True), on_event)
+        results = {name: collect(iter_queue(q), request=requests[name]) for name, q in queues.items()}
+        assert order == ["short", "mid", "long"]
         for name, (prompt, n) in specs.items():
             ids = codec.encode(prompt)
             ref = model.generate(torch.tensor([ids]), max_new_tokens=n, temperature=0)[0, len(ids):].tolist()
@@ -533,7 +549,8 @@ def test_dsk_serve_process(model_artifact, workspace):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DSK_HOME": str(workspace), "PYTHONPATH": str(REPO / "src"), "DSK_API_KEYS": "k1,k2"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsk", "serve", "--port", str(port), "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "dsk", "serve", "--port", str(port), "--device", "cpu",
+                             "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -44,6 +44,9 @@ log = logging.getLogger("dsk.serving")
 DEFAULT_PREFILL_TOKENS = 4096
 
 
+CANCELLED = "the request was cancelled (the client went away)"
+
+
 class QueueFull(Exception):
     """The waiting queue is at --max-queue; the client should retry after ``retry_after`` s."""
 
@@ -292,6 +295,7 @@ class Engine:
             keep: deque[Request] = deque()
             for req in self._waiting:
                 if req.cancelled:
+                    self._emit(req, Event("error", text=CANCELLED, code=499))
                     continue
                 if req.deadline is not None and now > req.deadline:
                     self._emit(req, Event("error", text="request timed out while waiting in the queue", code=504))
@@ -302,6 +306,8 @@ class Engine:
             req = c.request
             if c.finish_reason is None and req.cancelled:
                 c.finish_reason = "cancelled"
+                # waiters (e.g. a handler whose client left) get an answer and stop waiting
+                self._emit(req, Event("error", text=CANCELLED, code=499))
             elif c.finish_reason is None and req.deadline is not None and now > req.deadline:
                 self._finish(c, "timeout")
         self._remove_finished()
@@ -315,6 +321,7 @@ class Engine:
                 req = self._waiting[0]
                 if req.cancelled:
                     self._waiting.popleft()
+                    self._emit(req, Event("error", text=CANCELLED, code=499))
                     continue
                 cost = req.n * len(req.prompt_ids)
                 if req.n > free or (admitted and cost > budget):
