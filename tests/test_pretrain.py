@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_helpers import make_tokens_artifact
+from pretrain_helpers import SAMPLE, make_tokens_artifact
 
 TINY = ["--max-steps", "10", "--batch-size", "4", "--context", "32", "--eval-every", "5", "--log-every", "2",
         "--warmup-steps", "2", "--eval-tokens", "2048", "--threads", "1"]
@@ -48,14 +48,38 @@ def test_pretrain_10_steps_writes_model_artifact(cli, workspace):
     assert all("max_vio" in r and "expert_load" in r for r in records if r["split"] == "train")  # tiny is MoE
     assert records[-1]["bpb"] == pytest.approx(m["val_bpb"])
     model, tokenizer, cfg = load_model(path)
-    assert cfg.vocab_size == tokenizer.get_vocab_size() and cfg.max_seq_len == 32
-    ids = model.generate(torch.tensor([tokenizer.encode("ROMEO:").ids]), 8, temperature=0)
-    assert ids.shape[1] == len(tokenizer.encode("ROMEO:").ids) + 8
+    assert cfg.vocab_size == tokenizer.vocab_size and cfg.max_seq_len == 32
+    prompt = tokenizer.encode("ROMEO:")
+    ids = model.generate(torch.tensor([prompt]), 8, temperature=0)
+    assert ids.shape[1] == len(prompt) + 8 and isinstance(tokenizer.decode(ids[0].tolist()), str)
     # no run directory is left behind once the artifact exists
     assert not (workspace / "runs" / "pretrain" / summary["id"]).exists()
 
     code, out, _ = cli("pretrain", *TINY, "--json")
     assert code == 0 and json.loads(out)["cached"] is True
+
+
+def test_pretrain_on_real_featurize_output(cli, workspace):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dsk.config import StageParams
+    from dsk.runtime import run_stage
+
+    docs = [p for p in SAMPLE.read_text()[:40_000].split("\n\n") if p.strip()]
+
+    def build(ctx):  # a clean-like text artifact in the documented layout
+        pq.write_table(pa.table({"doc_id": pa.array(range(len(docs)), pa.int64()), "text": docs,
+                                 "source": ["sample"] * len(docs), "line": pa.array([0] * len(docs), pa.int64())}),
+                       ctx.out / "documents.parquet")
+        ctx.kind = "text"
+
+    run_stage(stage="clean", params=StageParams(), inputs=[], build=build, kind="text")
+    code, _, err = cli("featurize", "--vocab-size", "300", "--val-fraction", "0.1")
+    assert code == 0, err
+    code, out, err = cli("pretrain", *TINY, "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["steps"] == 10
 
 
 def test_train_alias_and_profile(cli, workspace):
@@ -216,6 +240,22 @@ def test_window_sampler_is_deterministic_and_reads_the_shard(workspace):
     assert sum(v[1].numel() for v in val) == ((len(np.fromfile(art.path / "val.bin", dtype=np.uint16)) - 1) // 16) * 16
 
 
+def test_muon_orthogonalises_and_keeps_head_and_router_on_adamw():
+    from dsk.models import ModelConfig, Transformer
+    from dsk.train import make_optimizer
+    from dsk.train.optim import newton_schulz
+
+    g = torch.randn(3, 48, 24)
+    sv = torch.linalg.svdvals(newton_schulz(g))
+    assert sv.min() > 0.5 and sv.max() < 1.3  # all singular values pulled toward 1
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=50, tie_embeddings=False))
+    opt = make_optimizer(model, name="muon", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device="cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]}
+    assert "layers.1.ffn.experts.w1" in muon and "layers.0.attn.wkv_a.weight" in muon
+    assert not {"head.weight", "layers.1.ffn.gate.weight", "embed.weight"} & muon
+
+
 def test_lr_schedule_and_param_groups():
     from dsk.models import ModelConfig, Transformer
     from dsk.train import lr_at, param_groups
@@ -234,11 +274,12 @@ def test_lr_schedule_and_param_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_lion_optimizer_trains(workspace):
+@pytest.mark.parametrize("optimizer, lr", [("lion", 3e-4), ("muon", 3e-3)])
+def test_other_optimizers_train(workspace, optimizer, lr):
     from dsk.pretrain import run
 
     make_tokens_artifact()
-    result = run(params=tiny_params(optimizer="lion", lr=3e-4, max_steps=20, eval_every=0, preset="tiny-dense"))
+    result = run(params=tiny_params(optimizer=optimizer, lr=lr, max_steps=20, eval_every=0, preset="tiny"))
     records = [json.loads(x) for x in (result.artifact.path / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if r["split"] == "train"]
     assert train[-1] < train[0]
