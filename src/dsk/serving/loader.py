@@ -52,7 +52,10 @@ def load_engine(
     model, _hf_tokenizer, _cfg = load_model(path, device=device)
     model.eval()
     if device == "cuda":
-        model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
+        # fp32 weights with TF32 matmuls: casting the model to bf16 would also cast its rotary
+        # tables, which training (bf16 autocast) kept in fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if not (path / "tokenizer.json").is_file():
         raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
     codec = TextCodec.from_artifact(path)
