@@ -242,7 +242,9 @@ class Engine:
         with self._cv:
             if self._stop or self._thread is None:
                 raise RuntimeError("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
+            # requests that free rows will take at the next step are not "queued"
+            free_rows = max(self.max_batch_size - len(self._running), 0)
+            if len(self._waiting) >= self.max_queue + free_rows:
                 raise QueueFull(self.retry_after())
             self._waiting.append(req)
             self._cv.notify()
