@@ -28,6 +28,7 @@ import openai
 import pytest
 import torch
 
+from dsk.errors import DskError
 from dsk.serving.app import ServerConfig, create_app
 from dsk.serving.audit import AuditLog
 from dsk.serving.filter import ContentFilter
@@ -502,7 +503,7 @@ def test_smoke_test_function(model_dir):
 
 def test_cli_serve_errors(cli, workspace, model_artifact, tmp_path):
     code, _, err = cli("serve", "--backend", "onnx")
-    assert code == 2 and "onnx" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "no ONNX export" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("serve", "--blocklist", str(tmp_path / "missing.txt"))
     assert code == 2 and "blocklist" in err
     bad = tmp_path / "bad.txt"
@@ -574,3 +575,45 @@ def test_dsk_serve_process(model_artifact, workspace):
         proc.wait(timeout=30)
     assert proc.returncode in (0, -15)
     assert "k1" not in proc.stderr.read()
+
+
+# --------------------------------------------------------------------------- the ONNX backend
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory):
+    """An ONNX export of the tiny model (as `dsk export --format onnx` writes it) + its tokenizer."""
+    onnx_export = pytest.importorskip("dsk.models.onnx_export")
+    from dsk.models import load_model
+
+    out = tmp_path_factory.mktemp("onnx")
+    model, _, _ = load_model(model_dir)
+    layout = onnx_export.export_onnx(model, out / "model.onnx")
+    onnx_export.write_layout(layout, out)
+    shutil.copy(model_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+def test_onnx_backend_serves_the_same_greedy_text(onnx_dir, model_dir):
+    engine, codec = load_engine(onnx_dir, max_batch_size=2)  # ONNX-only artifact: the ONNX backend
+    assert type(engine.backend).__name__ == "OnnxBackend"
+    app = create_app(engine, codec, ServerConfig(model_name=MODEL))
+    with ServerThread(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(3) as pool:  # 3 requests, 2 rows: join, leave, rows move
+            futures = {p: pool.submit(c.completions.create, model=MODEL, prompt=p, max_tokens=n, temperature=0,
+                                      extra_body=LONG)
+                       for p, n in (("ROMEO:", 20), ("JULIET:", 6), ("Nurse:", 12))}
+        for prompt, fut in futures.items():
+            n = fut.result().usage.completion_tokens
+            assert fut.result().choices[0].text == greedy_text(model_dir, codec, codec.encode(prompt), n), prompt
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=5, stream=True, extra_body=LONG))
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_backend_errors(model_dir, onnx_dir):
+    with pytest.raises(DskError, match="no ONNX export"):
+        load_engine(model_dir, backend="onnx")
+    with pytest.raises(DskError, match="CPU"):
+        load_engine(onnx_dir, backend="onnx", device="cuda")

@@ -15,7 +15,9 @@ from dsk.config import StageParams
 class Params(StageParams):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    backend: Literal["torch", "onnx"] = Field("torch", description="Inference backend.")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="Inference backend; an artifact holding only an ONNX export is served with onnx."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     threads: int = Field(
         0, ge=0, description="torch CPU threads (0 = torch's default; 1 is best on a busy few-core machine)."
