@@ -447,6 +447,7 @@ def test_continuous_batching_short_requests_do_not_wait(model_dir):
 
 def test_audit_log_has_no_prompt_by_default(server):
     client(server).completions.create(model=MODEL, prompt="audit me", max_tokens=2, extra_body=LONG)
+    assert httpx.get(server.url + "/v1/models", headers=headers("sk-bad")).status_code == 401
     lines = [json.loads(line) for line in server.audit_path.read_text().splitlines()]
     mine = [rec for rec in lines if rec.get("prompt_sha256") == hashlib.sha256(b"audit me").hexdigest()]
     assert mine, "no audit line for the request"
@@ -454,7 +455,7 @@ def test_audit_log_has_no_prompt_by_default(server):
     assert rec["status"] == 200 and rec["endpoint"] == "/v1/completions" and rec["completion_tokens"] == 2
     assert rec["key_id"].startswith("key-") and rec["latency_ms"] >= 0 and rec["prompt_tokens"] >= 1
     assert "prompt" not in rec and "audit me" not in server.audit_path.read_text()
-    assert any(r["status"] == 401 and r["key_id"] is None for r in lines)
+    assert any(r["status"] == 401 and r["key_id"] is None for r in lines), [(r["endpoint"], r["status"], r["key_id"]) for r in lines]
 
 
 def test_audit_log_prompts_redacted(model_dir, tmp_path):
@@ -492,6 +493,10 @@ def test_cli_serve_smoke_test(cli, model_artifact):
     code, out, err = cli("serve", "--smoke-test")
     assert code == 0, err
     assert "smoke test passed" in err and model_artifact.id in err
+    code, out, err = cli("serve", "--smoke-test", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] is True and result["status"] == 200 and result["completion_tokens"] >= 1
 
 
 def test_smoke_test_function(model_dir):

@@ -63,7 +63,7 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
         result = smoke_test(art.path, device=params.device)
         console.info(f"[green]smoke test passed[/green]: {art.stage} {art.id} answered "
                      f"{result['completion_tokens']} tokens in {result['latency_s']:.2f}s")
-        return None
+        return result
     keys = collect_keys(params.api_key, dict(os.environ))
     app, engine, config = build_app(art, params, api_keys=keys)
     console.info(
