@@ -11,7 +11,9 @@ One background thread runs the loop. At every decode step it
    always occupies rows ``0..n-1`` of the cache (a contiguous view the model can take).
 
 So a short request admitted next to a long one finishes and leaves without waiting for it.
-Results go back through a callback per request (called on the engine thread; it must not
+The model side is a backend: :class:`TorchBackend` (a dsk Transformer over one preallocated
+per-row KV cache: batched prefill and decode) or :class:`OnnxBackend` (an exported ONNX graph in
+onnxruntime, one sequence per call). Results go back through a callback per request (called on the engine thread; it must not
 block): the HTTP layer forwards them into an asyncio queue, `generate()`/`stream()` into a
 plain queue.
 
