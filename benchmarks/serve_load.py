@@ -118,7 +118,8 @@ def scrape(url: str) -> dict[str, float]:
 
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
-    for name in ("dsk_generated_tokens_total", "process_resident_memory_bytes", "dsk_running_batch_size",
+    for name in ("dsk_generated_tokens_total", "dsk_engine_steps_total", "dsk_engine_busy_seconds_total",
+                 "dsk_engine_forward_seconds_total", "process_resident_memory_bytes", "dsk_running_batch_size",
                  "dsk_queue_depth", "dsk_cuda_memory_allocated_bytes", "dsk_cuda_max_memory_allocated_bytes"):
         m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
         if m:
@@ -199,11 +200,18 @@ async def run_phase(url: str, model: str, clients: int, duration: float, max_tok
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     generated = after["dsk_generated_tokens_total"] - before["dsk_generated_tokens_total"]
+    steps = max(after["dsk_engine_steps_total"] - before["dsk_engine_steps_total"], 1)
+    busy = after["dsk_engine_busy_seconds_total"] - before["dsk_engine_busy_seconds_total"]
+    forward = after["dsk_engine_forward_seconds_total"] - before["dsk_engine_forward_seconds_total"]
     return {
         "clients": clients,
         "seconds": round(elapsed, 2),
         "tokens_per_s": round(generated / elapsed, 1),
         "completed": len(stats["latency"]),
+        # where the server's time went: a step's mean time, the forward pass's part of it, and
+        # the share of wall time the engine thread was stepping at all
+        "step_ms": round(busy / steps * 1000, 2), "forward_ms": round(forward / steps * 1000, 2),
+        "engine_busy": round(busy / elapsed, 3), "tokens_per_step": round(generated / steps, 2),
         "ttft_p50_s": pct(stats["ttft"], 50), "ttft_p95_s": pct(stats["ttft"], 95),
         "latency_p50_s": pct(stats["latency"], 50), "latency_p95_s": pct(stats["latency"], 95),
         "errors": stats["errors"], "error_kinds": sorted(set(stats["error_kinds"]))[:5],
@@ -249,7 +257,9 @@ class Server:
         result["max_batch_size"] = self.max_batch_size
         print(f"  batch≤{self.max_batch_size:<3} clients={clients:<3} {result['tokens_per_s']:>8.1f} tok/s  "
               f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
-              f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB", flush=True)
+              f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB  "
+              f"step {result['step_ms']}ms (forward {result['forward_ms']}ms, busy {result['engine_busy']:.0%}, "
+              f"{result['tokens_per_step']} tok/step)", flush=True)
         return result
 
     def stop(self) -> None:
@@ -258,6 +268,49 @@ class Server:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def engine_only(model_dir: Path, *, batch_sizes: list[int], device: str, threads: int, max_tokens: int,
+                rounds: int = 3) -> list[dict]:
+    """The engine without HTTP, in this process: B requests at once, B = each batch size in
+    turn, alternating for ``rounds`` rounds (best round kept), so that load from other
+    processes hits every batch size alike. Tells the batching gain apart from serving overhead."""
+    import queue
+
+    import torch
+
+    from dsk.serving.engine import iter_queue
+    from dsk.serving.loader import load_engine
+    from dsk.serving.sampling import SamplingParams
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine, codec = load_engine(model_dir, device=device, max_batch_size=max(batch_sizes), max_queue=10_000)
+    engine.start()
+    ids = codec.chat_ids([{"role": "user", "content": QUESTIONS[0]}])
+    params = SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True)
+    best: dict[int, float] = {}
+    try:
+        engine.generate(ids, SamplingParams(max_tokens=8))  # warm-up
+        for _ in range(rounds):
+            for b in batch_sizes:
+                queues = [queue.Queue() for _ in range(b)]
+                started = time.perf_counter()
+                for q in queues:
+                    engine.submit(ids, params, q.put)
+                for q in queues:
+                    for _ev in iter_queue(q):
+                        pass
+                rate = b * max_tokens / (time.perf_counter() - started)
+                best[b] = max(best.get(b, 0.0), rate)
+    finally:
+        engine.stop()
+    base = best[min(batch_sizes)]
+    rows = [{"batch": b, "tokens_per_s": round(best[b], 1), "speedup": round(best[b] / base, 2)} for b in batch_sizes]
+    for r in rows:
+        print(f"  engine only: batch {r['batch']:<3} {r['tokens_per_s']:>8.1f} tok/s  ({r['speedup']}× batch 1)",
+              flush=True)
+    return rows
 
 
 def fmt(v: float | None) -> str:
@@ -297,6 +350,13 @@ def write_report(result: dict) -> None:
             f"| {b['completed']} / {s.get('completed', 0)} | {b['errors']} / {s.get('errors', 0)} "
             f"| {b['rss_start_mb']:.0f}→{b['rss_end_mb']:.0f} / {s.get('rss_start_mb', 0):.0f}→{s.get('rss_end_mb', 0):.0f} |"
         )
+    lines += ["", "Where a batched step's time goes (server side): "
+              + ", ".join(f"{p['clients']} clients {p['step_ms']:.0f} ms/step ({p['forward_ms']:.0f} ms forward, "
+                          f"engine busy {p['engine_busy']:.0%})" for p in result["batched"])]
+    if result.get("engine_only"):
+        lines += ["", "Engine only (no HTTP, one process, batch sizes alternated, best of 3): "
+                  + ", ".join(f"batch {r['batch']} {r['tokens_per_s']:.0f} tok/s ({r['speedup']:.1f}×)"
+                              for r in result["engine_only"])]
     if any(p.get("cuda_peak_mb") for p in result["batched"]):
         lines += ["", "CUDA peak memory (MB), batched: "
                   + ", ".join(f"{p['clients']} clients {p['cuda_peak_mb']}" for p in result["batched"])]
@@ -319,6 +379,7 @@ def main() -> int:
                          "make 2 threads many times slower; 0 = torch's default)")
     ap.add_argument("--quick", action="store_true", help="4 s phases, 1/4/16 clients")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine measurement")
     args = ap.parse_args()
     if args.quick:
         args.duration, args.clients = 4.0, "1,4,16"
@@ -352,6 +413,9 @@ def main() -> int:
         finally:
             for server in servers:
                 server.stop()
+        engine_rows = [] if args.skip_engine_only else engine_only(
+            art.path, batch_sizes=sorted({1, *clients}), device=args.device, threads=args.threads,
+            max_tokens=args.max_tokens)
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
         if args.device == "cuda":
             import torch
@@ -362,7 +426,7 @@ def main() -> int:
             "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
             "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
             "threads": args.threads,
-            "batched": batched, "baseline": baseline, "wall_s": round(time.monotonic() - started, 1),
+            "batched": batched, "baseline": baseline, "engine_only": engine_rows, "wall_s": round(time.monotonic() - started, 1),
         }
         write_report(result)
         return 0 if all(p["errors"] == 0 for p in batched + baseline) else 1

@@ -28,6 +28,7 @@ import openai
 import pytest
 import torch
 
+from dsk.errors import DskError
 from dsk.serving.app import ServerConfig, create_app
 from dsk.serving.audit import AuditLog
 from dsk.serving.filter import ContentFilter
@@ -44,6 +45,16 @@ LONG = {"ignore_eos": True}  # a random model may emit a special token early; th
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # decode steps are many tiny ops: on a busy 2-core machine OpenMP's spin-waits make two
+    # threads several times slower than one (see docs/serve.md)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -327,11 +338,12 @@ def test_full_queue_is_429_with_retry_after(model_dir):
 
 
 def test_request_timeout_is_504(model_dir):
-    with serving(model_dir, request_timeout_s=0.2) as srv:
+    with serving(model_dir, request_timeout_s=0.05) as srv:
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), timeout=60,
                        json={"prompt": "a", "max_tokens": 250, **LONG})
         assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
-        assert srv.engine.running == 0
+        wait_for(lambda: srv.engine.running == 0, timeout_s=5, what="the timed-out row to be freed")
+        assert srv.engine.generated_tokens_total < 250
 
 
 def test_disconnect_frees_the_slot(model_dir):
@@ -350,6 +362,9 @@ def test_disconnect_frees_the_slot(model_dir):
                        json={"prompt": "b", "max_tokens": 250, **LONG})
         wait_for(lambda: srv.engine.running == 0, timeout_s=5, what="the waiting slot to be freed")
         assert srv.engine.generated_tokens_total - before < 200
+        # and its handler has finished (no coroutine left waiting): it is counted as 499
+        wait_for(lambda: 'endpoint="/v1/completions",status="499"' in httpx.get(srv.url + "/metrics").text,
+                 timeout_s=5, what="the abandoned request's handler to finish")
         # and the slot serves the next request
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "c", "max_tokens": 2, **LONG})
         assert r.status_code == 200
@@ -394,29 +409,31 @@ def test_n_choices_and_stop_strings(server):
 
 def test_continuous_batching_short_requests_do_not_wait(model_dir):
     """Requests join and leave the running batch between decode steps; results stay exact."""
+    import queue
+
     from dsk.models import load_model
+    from dsk.serving.engine import collect, iter_queue
 
     engine, codec = load_engine(model_dir, max_batch_size=2)
     engine.start()
     model, _, _ = load_model(model_dir)
     try:
-        done_at: dict[str, float] = {}
-        results = {}
-        specs = {"long": ("ROMEO:", 120), "short": ("JULIET:", 5), "mid": ("Nurse:", 30)}
+        specs = {"long": ("ROMEO:", 80), "short": ("JULIET:", 5), "mid": ("Nurse:", 30)}
+        order: list[str] = []
+        queues, requests = {}, {}
+        for name, (prompt, n) in specs.items():  # mid waits for a free row: the batch holds 2
+            q = queue.Queue()
 
-        def run(name):
-            prompt, n = specs[name]
-            results[name] = engine.generate(codec.encode(prompt), SamplingParams(temperature=0, max_tokens=n,
-                                                                                  ignore_eos=True))
-            done_at[name] = time.monotonic()
+            def on_event(ev, name=name, q=q):
+                if ev.kind == "done":
+                    order.append(name)
+                q.put(ev)
 
-        threads = [threading.Thread(target=run, args=(name,)) for name in specs]
-        for t in threads:
-            t.start()
-            time.sleep(0.05)
-        for t in threads:
-            t.join()
-        assert done_at["short"] < done_at["long"] and done_at["mid"] < done_at["long"]
+            queues[name] = q
+            requests[name] = engine.submit(codec.encode(prompt), SamplingParams(temperature=0, max_tokens=n,
+                                                                               ignore_eos=True), on_event)
+        results = {name: collect(iter_queue(q), request=requests[name]) for name, q in queues.items()}
+        assert order == ["short", "mid", "long"]
         for name, (prompt, n) in specs.items():
             ids = codec.encode(prompt)
             ref = model.generate(torch.tensor([ids]), max_new_tokens=n, temperature=0)[0, len(ids):].tolist()
@@ -430,6 +447,7 @@ def test_continuous_batching_short_requests_do_not_wait(model_dir):
 
 def test_audit_log_has_no_prompt_by_default(server):
     client(server).completions.create(model=MODEL, prompt="audit me", max_tokens=2, extra_body=LONG)
+    assert httpx.get(server.url + "/v1/models", headers=headers("sk-bad")).status_code == 401
     lines = [json.loads(line) for line in server.audit_path.read_text().splitlines()]
     mine = [rec for rec in lines if rec.get("prompt_sha256") == hashlib.sha256(b"audit me").hexdigest()]
     assert mine, "no audit line for the request"
@@ -437,7 +455,7 @@ def test_audit_log_has_no_prompt_by_default(server):
     assert rec["status"] == 200 and rec["endpoint"] == "/v1/completions" and rec["completion_tokens"] == 2
     assert rec["key_id"].startswith("key-") and rec["latency_ms"] >= 0 and rec["prompt_tokens"] >= 1
     assert "prompt" not in rec and "audit me" not in server.audit_path.read_text()
-    assert any(r["status"] == 401 and r["key_id"] is None for r in lines)
+    assert any(r["status"] == 401 and r["key_id"] is None for r in lines), [(r["endpoint"], r["status"], r["key_id"]) for r in lines]
 
 
 def test_audit_log_prompts_redacted(model_dir, tmp_path):
@@ -475,6 +493,10 @@ def test_cli_serve_smoke_test(cli, model_artifact):
     code, out, err = cli("serve", "--smoke-test")
     assert code == 0, err
     assert "smoke test passed" in err and model_artifact.id in err
+    code, out, err = cli("serve", "--smoke-test", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["ok"] is True and result["status"] == 200 and result["completion_tokens"] >= 1
 
 
 def test_smoke_test_function(model_dir):
@@ -486,7 +508,7 @@ def test_smoke_test_function(model_dir):
 
 def test_cli_serve_errors(cli, workspace, model_artifact, tmp_path):
     code, _, err = cli("serve", "--backend", "onnx")
-    assert code == 2 and "onnx" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "no ONNX export" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("serve", "--blocklist", str(tmp_path / "missing.txt"))
     assert code == 2 and "blocklist" in err
     bad = tmp_path / "bad.txt"
@@ -533,7 +555,8 @@ def test_dsk_serve_process(model_artifact, workspace):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DSK_HOME": str(workspace), "PYTHONPATH": str(REPO / "src"), "DSK_API_KEYS": "k1,k2"}
-    proc = subprocess.Popen([sys.executable, "-m", "dsk", "serve", "--port", str(port), "--device", "cpu"],
+    proc = subprocess.Popen([sys.executable, "-m", "dsk", "serve", "--port", str(port), "--device", "cpu",
+                             "--threads", "1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -557,3 +580,45 @@ def test_dsk_serve_process(model_artifact, workspace):
         proc.wait(timeout=30)
     assert proc.returncode in (0, -15)
     assert "k1" not in proc.stderr.read()
+
+
+# --------------------------------------------------------------------------- the ONNX backend
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(model_dir, tmp_path_factory):
+    """An ONNX export of the tiny model (as `dsk export --format onnx` writes it) + its tokenizer."""
+    onnx_export = pytest.importorskip("dsk.models.onnx_export")
+    from dsk.models import load_model
+
+    out = tmp_path_factory.mktemp("onnx")
+    model, _, _ = load_model(model_dir)
+    layout = onnx_export.export_onnx(model, out / "model.onnx")
+    onnx_export.write_layout(layout, out)
+    shutil.copy(model_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+def test_onnx_backend_serves_the_same_greedy_text(onnx_dir, model_dir):
+    engine, codec = load_engine(onnx_dir, max_batch_size=2)  # ONNX-only artifact: the ONNX backend
+    assert type(engine.backend).__name__ == "OnnxBackend"
+    app = create_app(engine, codec, ServerConfig(model_name=MODEL))
+    with ServerThread(app) as srv:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0)
+        with ThreadPoolExecutor(3) as pool:  # 3 requests, 2 rows: join, leave, rows move
+            futures = {p: pool.submit(c.completions.create, model=MODEL, prompt=p, max_tokens=n, temperature=0,
+                                      extra_body=LONG)
+                       for p, n in (("ROMEO:", 20), ("JULIET:", 6), ("Nurse:", 12))}
+        for prompt, fut in futures.items():
+            n = fut.result().usage.completion_tokens
+            assert fut.result().choices[0].text == greedy_text(model_dir, codec, codec.encode(prompt), n), prompt
+        chunks = list(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=5, stream=True, extra_body=LONG))
+        assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_backend_errors(model_dir, onnx_dir):
+    with pytest.raises(DskError, match="no ONNX export"):
+        load_engine(model_dir, backend="onnx")
+    with pytest.raises(DskError, match="CPU"):
+        load_engine(onnx_dir, backend="onnx", device="cuda")

@@ -138,3 +138,34 @@ def test_chat_without_chat_tokens_uses_a_plain_transcript():
     ids = codec.chat_ids([{"role": "user", "content": "hi"}])
     assert codec.decode(ids) == "User: hi\nAssistant:"
     assert codec.stop_ids == {hf.token_to_id("<|endoftext|>")}
+
+
+# --------------------------------------------------------------------------- absorbed MLA decode
+
+
+def test_absorbed_mla_decode_matches_the_model():
+    from dsk.models import ModelConfig, Transformer
+    from dsk.serving.fast_mla import install_absorbed_mla
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64, q_lora_rank=16)
+    reference, fast = Transformer(cfg).eval(), Transformer(cfg).eval()
+    fast.load_state_dict(reference.state_dict())
+    assert install_absorbed_mla(fast) == cfg.n_layers
+    ids = torch.randint(0, 64, (3, 9))
+    with torch.no_grad():
+        caches = [m.new_cache(3, 32) for m in (reference, fast)]
+        lengths = torch.tensor([9, 5, 7])  # rows at different positions, as in the engine
+        for m, c in zip((reference, fast), caches):
+            m(ids, cache=c, start_pos=torch.zeros(3, dtype=torch.long))
+        nxt = torch.randint(0, 64, (3, 1))
+        for _ in range(4):
+            a = reference(nxt, cache=caches[0], start_pos=lengths).logits
+            b = fast(nxt, cache=caches[1], start_pos=lengths).logits
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+            lengths = lengths + 1
+            nxt = a[:, -1:].argmax(-1)
+        # prefill (several tokens) runs the model's own code
+        assert torch.equal(reference(ids).logits, fast(ids).logits)
+    dense = Transformer(ModelConfig.preset("tiny-dense", vocab_size=64))
+    assert install_absorbed_mla(dense) == 0  # no MLA layers: nothing to switch

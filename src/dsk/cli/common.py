@@ -171,7 +171,10 @@ def stage_command(stage: str, *, extra: Callable[[], list[inspect.Parameter]] | 
             force=kwargs["force"],
             **stage_kwargs,
         )
-        if result is not None:
+        if isinstance(result, dict):  # a step with no artifact (serve --smoke-test) returns what it checked
+            if kwargs["json_"]:
+                console.print_json(result)
+        elif result is not None:
             report_result(result, json_output=kwargs["json_"])
 
     command.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]

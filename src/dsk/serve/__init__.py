@@ -2,7 +2,8 @@
 streaming, async jobs, API keys, a content filter, an audit log, Prometheus metrics).
 
 Not an artifact-producing stage: it resolves the model (default: the latest export, quantize,
-finetune or pretrain artifact) and runs the server until stopped. The engine and the API live
+finetune or pretrain artifact) and runs the server until stopped (`run` returns None; with
+`--smoke-test` it returns the smoke test's result dict). The engine and the API live
 in the library, `dsk.serving`.
 
     $ dsk serve --port 8000 --max-batch-size 16 --api-key secret

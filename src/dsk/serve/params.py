@@ -15,7 +15,9 @@ from dsk.config import StageParams
 class Params(StageParams):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for every interface).")
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0 picks a free one).")
-    backend: Literal["torch", "onnx"] = Field("torch", description="Inference backend.")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="Inference backend; an artifact holding only an ONNX export is served with onnx."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     threads: int = Field(
         0, ge=0, description="torch CPU threads (0 = torch's default; 1 is best on a busy few-core machine)."
@@ -24,7 +26,7 @@ class Params(StageParams):
         None, description="Model id clients send and /v1/models lists (default: the artifact id; 'dsk' also works)."
     )
     max_batch_size: int = Field(16, ge=1, le=1024, description="Sequences decoded together (continuous batching).")
-    max_queue: int = Field(256, ge=0, description="Requests waiting for a slot before new ones get 429.")
+    max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot (beyond the free ones) before new ones get 429.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is ended (504).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 above).")
     job_ttl_s: float = Field(600.0, gt=0, description="Async jobs are kept this long after they finish unless fetched.")

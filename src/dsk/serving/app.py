@@ -163,13 +163,6 @@ class ServerConfig:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
-class PredictorProtocol:
-    """What /v1/predict calls for a table model: rows (list of dicts) → response dict."""
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-
 def create_app(
     engine: Engine | None,
     codec: Any,

@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import threading
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,7 @@ class AuditLog:
         if self.path is None:
             return
         record: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "key_id": key_id,
             "endpoint": endpoint,
             "status": status,

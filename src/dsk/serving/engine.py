@@ -11,7 +11,9 @@ One background thread runs the loop. At every decode step it
    always occupies rows ``0..n-1`` of the cache (a contiguous view the model can take).
 
 So a short request admitted next to a long one finishes and leaves without waiting for it.
-Results go back through a callback per request (called on the engine thread; it must not
+The model side is a backend: :class:`TorchBackend` (a dsk Transformer over one preallocated
+per-row KV cache: batched prefill and decode) or :class:`OnnxBackend` (an exported ONNX graph in
+onnxruntime, one sequence per call). Results go back through a callback per request (called on the engine thread; it must not
 block): the HTTP layer forwards them into an asyncio queue, `generate()`/`stream()` into a
 plain queue.
 
@@ -42,6 +44,9 @@ log = logging.getLogger("dsk.serving")
 # Prefill at most this many (padded) prompt tokens per step, so a burst of long prompts cannot
 # stall the running sequences for long; at least one request is always admitted.
 DEFAULT_PREFILL_TOKENS = 4096
+
+
+CANCELLED = "the request was cancelled (the client went away)"
 
 
 class QueueFull(Exception):
@@ -144,18 +149,15 @@ class Engine:
     ):
         if max_batch_size < 1:
             raise DskError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.model = model
+        self.backend = model if isinstance(model, OnnxBackend) else TorchBackend(model, max_batch_size, device)
         self.codec = codec
-        self.cfg = model.cfg
-        self.max_len = int(self.cfg.max_seq_len)
-        self.vocab_size = int(self.cfg.vocab_size)
+        self.max_len = self.backend.max_len
+        self.vocab_size = self.backend.vocab_size
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.content_filter = content_filter
         self.prefill_tokens = prefill_tokens
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
-        self.cache = model.new_cache(batch_size=max_batch_size, max_len=self.max_len, device=self.device, dtype=dtype)
+        self.device = self.backend.device
         self._waiting: deque[Request] = deque()
         self._running: list[Choice] = []  # row i of the cache holds _running[i]
         self._cv = threading.Condition()
@@ -167,6 +169,8 @@ class Engine:
         self.steps = 0
         self.prompt_tokens_total = 0
         self.generated_tokens_total = 0
+        self.busy_seconds = 0.0  # inside scheduler steps
+        self.forward_seconds = 0.0  # inside the model's forward passes (prefill + decode)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -237,7 +241,9 @@ class Engine:
         with self._cv:
             if self._stop or self._thread is None:
                 raise RuntimeError("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
+            # requests that free rows will take at the next step are not "queued"
+            free_rows = max(self.max_batch_size - len(self._running), 0)
+            if len(self._waiting) >= self.max_queue + free_rows:
                 raise QueueFull(self.retry_after())
             self._waiting.append(req)
             self._cv.notify()
@@ -276,11 +282,13 @@ class Engine:
         self._fail_all("the server is shutting down", code=503)
 
     def _step(self) -> None:
+        started = time.perf_counter()
         self._drop_finished_requests()
         self._admit()
         if self._running:
             self._decode()
         self.steps += 1
+        self.busy_seconds += time.perf_counter() - started
 
     def _drop_finished_requests(self) -> None:
         now = time.monotonic()
@@ -288,6 +296,7 @@ class Engine:
             keep: deque[Request] = deque()
             for req in self._waiting:
                 if req.cancelled:
+                    self._emit(req, Event("error", text=CANCELLED, code=499))
                     continue
                 if req.deadline is not None and now > req.deadline:
                     self._emit(req, Event("error", text="request timed out while waiting in the queue", code=504))
@@ -298,6 +307,8 @@ class Engine:
             req = c.request
             if c.finish_reason is None and req.cancelled:
                 c.finish_reason = "cancelled"
+                # waiters (e.g. a handler whose client left) get an answer and stop waiting
+                self._emit(req, Event("error", text=CANCELLED, code=499))
             elif c.finish_reason is None and req.deadline is not None and now > req.deadline:
                 self._finish(c, "timeout")
         self._remove_finished()
@@ -311,6 +322,7 @@ class Engine:
                 req = self._waiting[0]
                 if req.cancelled:
                     self._waiting.popleft()
+                    self._emit(req, Event("error", text=CANCELLED, code=499))
                     continue
                 cost = req.n * len(req.prompt_ids)
                 if req.n > free or (admitted and cost > budget):
@@ -338,33 +350,15 @@ class Engine:
         self._remove_finished()
 
     def _prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
-        """Run right-padded prompts through rows first_row.. of the cache; logits at each last token.
-
-        Padding writes junk into the cache past a row's prompt, but those positions are
-        overwritten by the row's next tokens before any query can see them (the mask lets a
-        query at position p see keys 0..p only).
-        """
-        k = len(prompts)
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        width = max(len(p) for p in prompts)
-        idx = torch.zeros(k, width, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        idx = idx.to(self.device)
-        positions = torch.arange(width, device=self.device).expand(k, width)
-        view = self._cache_rows(first_row, first_row + k)
-        m = self.model
-        # the trunk, then the head on each row's last real token only: full [k, T, V] logits
-        # would cost k*T*V floats for nothing
-        hidden, _, _ = m.trunk(m.embed(idx), positions, view)
-        last = hidden[torch.arange(k, device=self.device), lengths - 1]
-        return m.head(m.norm(last)).float()
+        started = time.perf_counter()
+        logits = self.backend.prefill(first_row, prompts)
+        self.forward_seconds += time.perf_counter() - started
+        return logits
 
     def _decode(self) -> None:
-        n = len(self._running)
-        idx = torch.tensor([[c.out_ids[-1]] for c in self._running], dtype=torch.long, device=self.device)
-        start = torch.tensor([c.pos for c in self._running], dtype=torch.long, device=self.device)
-        logits = self.model(idx, cache=self._cache_rows(0, n), start_pos=start).logits[:, -1]
+        started = time.perf_counter()
+        logits = self.backend.decode([c.out_ids[-1] for c in self._running], [c.pos for c in self._running])
+        self.forward_seconds += time.perf_counter() - started
         for c in self._running:
             c.pos += 1
         tokens = sample_next(logits, [c.sampler for c in self._running]).tolist()
@@ -372,18 +366,8 @@ class Engine:
             self._append(c, tok)
         self._remove_finished()
 
-    # ------------------------------------------------------------------ cache rows
-    def _cache_rows(self, start: int, stop: int) -> Any:
-        """A view of cache rows start..stop-1 that the model reads and writes in place."""
-        view = copy.copy(self.cache)
-        view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.cache.layers]
-        view.batch_size = stop - start
-        return view
-
     def _move_row(self, src: int, dst: int, length: int) -> None:
-        for layer in self.cache.layers:
-            for t in layer.values():
-                t[dst, :length] = t[src, :length]
+        self.backend.move_row(src, dst, length)
 
     def _remove_finished(self) -> None:
         """Compact: move the last running row into each finished row's slot."""
@@ -479,6 +463,114 @@ class Engine:
         self._running = []
         for req in [*requests.values(), *waiting]:
             self._emit(req, Event("error", text=message, code=code))
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class TorchBackend:
+    """A dsk Transformer over one preallocated per-row KV cache (`model.new_cache`).
+
+    The running batch occupies rows 0..n-1; the model reads and writes a contiguous view of
+    them, each row at its own position (`start_pos`).
+    """
+
+    def __init__(self, model: Any, max_batch_size: int, device: str | torch.device | None = None,
+                 *, absorb_mla: bool = True):
+        self.model = model
+        # decode steps of MLA layers in the absorbed form (same function, far fewer FLOPs at batch > 1)
+        self.absorbed_layers = 0
+        if absorb_mla:
+            from dsk.serving.fast_mla import install_absorbed_mla
+
+            self.absorbed_layers = install_absorbed_mla(model)
+        self.max_len = int(model.cfg.max_seq_len)
+        self.vocab_size = int(model.cfg.vocab_size)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        self.cache = model.new_cache(batch_size=max_batch_size, max_len=self.max_len, device=self.device, dtype=dtype)
+
+    def rows(self, start: int, stop: int) -> Any:
+        """A view of cache rows start..stop-1 that the model reads and writes in place."""
+        view = copy.copy(self.cache)
+        view.layers = [{name: t[start:stop] for name, t in layer.items()} for layer in self.cache.layers]
+        view.batch_size = stop - start
+        return view
+
+    def prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
+        """Right-padded prompts through rows first_row..; logits [k, V] at each last real token.
+
+        Padding writes junk into the cache past a row's prompt, but those positions are
+        overwritten by the row's next tokens before any query can see them (the mask lets a
+        query at position p see keys 0..p only).
+        """
+        k = len(prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        width = max(len(p) for p in prompts)
+        idx = torch.zeros(k, width, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        idx = idx.to(self.device)
+        positions = torch.arange(width, device=self.device).expand(k, width)
+        m = self.model
+        # the trunk, then the head on each row's last real token only: full [k, T, V] logits
+        # would cost k*T*V floats for nothing
+        hidden, _, _ = m.trunk(m.embed(idx), positions, self.rows(first_row, first_row + k))
+        last = hidden[torch.arange(k, device=self.device), lengths - 1]
+        return m.head(m.norm(last)).float()
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One token for each of rows 0..n-1 at its own position; logits [n, V]."""
+        n = len(tokens)
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+        start = torch.tensor(positions, dtype=torch.long, device=self.device)
+        logits = self.model(idx, cache=self.rows(0, n), start_pos=start).logits[:, -1]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # so the engine's forward time means the forward pass
+        return logits
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for layer in self.cache.layers:
+            for t in layer.values():
+                t[dst, :length] = t[src, :length]
+
+
+class OnnxBackend:
+    """An exported ONNX decoder (`dsk export --format onnx`) in onnxruntime.
+
+    The exported graph gives every row of a batch one shared past length, so rows at different
+    positions cannot share a forward call: each sequence keeps its own cache and steps at
+    batch 1. The scheduler (admission, streaming, limits) is the same as the torch backend's;
+    only the batching gain is lost.
+    """
+
+    def __init__(self, lm: Any, max_batch_size: int):
+        self.lm = lm
+        self.max_len = int(lm.max_seq_len)
+        self.vocab_size = int(lm.vocab_size)
+        self.device = torch.device("cpu")
+        self.past: list[Any] = [None] * max_batch_size
+
+    def prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
+        import numpy as np
+
+        out = []
+        for r, prompt in enumerate(prompts):
+            logits, self.past[first_row + r] = self.lm.prefill(np.asarray([prompt], dtype=np.int64))
+            out.append(torch.from_numpy(np.ascontiguousarray(logits[0])))
+        return torch.stack(out).float()
+
+    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        import numpy as np
+
+        out = []
+        for r, tok in enumerate(tokens):
+            logits, self.past[r] = self.lm.step(np.asarray([tok], dtype=np.int64), self.past[r])
+            out.append(torch.from_numpy(np.ascontiguousarray(logits[0])))
+        return torch.stack(out).float()
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        self.past[dst], self.past[src] = self.past[src], None
 
 
 def _partial_suffix(text: str, stop: str) -> int:

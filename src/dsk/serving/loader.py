@@ -15,6 +15,8 @@ from dsk.serving.filter import ContentFilter
 def pick_device(device: str) -> str:
     import torch
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise DskError(f"device {device!r} is not one of auto, cpu, cuda")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -31,28 +33,47 @@ def load_engine(
     max_queue: int = 128,
     content_filter: ContentFilter | None = None,
 ) -> tuple[Any, Any]:
-    """(engine, codec) for a model artifact; the engine is not started yet."""
-    if backend == "onnx":
-        raise DskError(
-            "--backend onnx needs an exported ONNX model with a KV cache, which `dsk export` does not "
-            "produce yet; serve with --backend torch"
-        )
-    import torch
+    """(engine, codec) for a model artifact; the engine is not started yet.
 
-    from dsk.models import load_model
-    from dsk.serving.engine import Engine
+    An artifact that holds only an ONNX export (``model.onnx`` + ``onnx.json``, no
+    ``model.safetensors``) is served by the ONNX backend whatever ``backend`` says.
+    """
+    from dsk.serving.engine import Engine, OnnxBackend
     from dsk.serving.text import TextCodec
 
     path = Path(artifact_dir)
+    is_onnx = (path / "model.onnx").is_file() and (path / "onnx.json").is_file()
+    if not (path / "tokenizer.json").is_file():
+        raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+    if backend == "onnx" or (is_onnx and not (path / "model.safetensors").is_file()):
+        if not is_onnx:
+            raise DskError(f"{str(path)!r} holds no ONNX export (model.onnx + onnx.json); run "
+                           f"`dsk export --format onnx` and serve that artifact, or use --backend torch")
+        if device == "cuda":
+            raise DskError("the ONNX backend runs on the CPU; use --device cpu, or --backend torch for CUDA")
+        from dsk.models.onnx_runtime import OnnxLM
+
+        import torch
+
+        lm = OnnxLM(path, threads=torch.get_num_threads())
+        codec = TextCodec.from_artifact(path)
+        engine = Engine(OnnxBackend(lm, max_batch_size), codec, max_batch_size=max_batch_size,
+                        max_queue=max_queue, content_filter=content_filter)
+        return engine, codec
+    import torch
+
+    from dsk.models import load_model
+
     if not (path / "model.safetensors").is_file():
         raise DskError(f"{str(path)!r} holds no model.safetensors; serve a pretrain, finetune or quantize artifact")
     device = pick_device(device)
     model, _hf_tokenizer, _cfg = load_model(path, device=device)
     model.eval()
     if device == "cuda":
-        model = model.to(torch.bfloat16) if torch.cuda.is_bf16_supported() else model.half()
-    if not (path / "tokenizer.json").is_file():
-        raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+        # fp32 weights with TF32 matmuls: casting the model to bf16 would also cast its rotary
+        # tables, which training (bf16 autocast) kept in fp32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     codec = TextCodec.from_artifact(path)
     engine = Engine(model, codec, max_batch_size=max_batch_size, max_queue=max_queue,
                     content_filter=content_filter, device=device)

@@ -29,6 +29,9 @@ class _EngineCollector:
                                   value=e.prompt_tokens_total)
         yield CounterMetricFamily("dsk_generated_tokens", "Tokens generated.", value=e.generated_tokens_total)
         yield CounterMetricFamily("dsk_engine_steps", "Scheduler steps run.", value=e.steps)
+        yield CounterMetricFamily("dsk_engine_busy_seconds", "Time spent in scheduler steps.", value=e.busy_seconds)
+        yield CounterMetricFamily("dsk_engine_forward_seconds", "Time spent in model forward passes.",
+                                  value=e.forward_seconds)
         yield GaugeMetricFamily("dsk_queue_depth", "Requests waiting for a batch slot.", value=e.queue_depth)
         yield GaugeMetricFamily("dsk_running_batch_size", "Sequences in the running batch.", value=e.running)
         yield GaugeMetricFamily("dsk_max_batch_size", "Batch slots (--max-batch-size).", value=e.max_batch_size)
