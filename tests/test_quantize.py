@@ -89,8 +89,9 @@ def test_quantized_linear_is_close_to_float(bits, scheme, group, tol):
     assert y.shape == ref.shape
     rel = float((y - ref).norm() / ref.norm())
     assert rel < tol, rel
-    # the int kernel path and the plain dequantize-then-matmul path agree
-    assert torch.allclose(y, x @ q.dequantized_weight().T, atol=0.05 if scheme != "weight-only" else 1e-4)
+    # the int kernel path (bf16 or int8 activations) and the fp32 dequantize-then-matmul path agree
+    deq = x @ q.dequantized_weight().T
+    assert float((y - deq).norm() / deq.norm()) < (0.01 if scheme == "weight-only" else 0.03)
 
 
 def test_quantized_model_has_bounded_perplexity_change(trained):
