@@ -29,7 +29,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("featurize", "Tokenizer + token shards for text; engineered features for tables.",
               "dsk.featurize", ("augment", "clean"), implemented=True),
     StageSpec("pretrain", "Train a DeepSeek-style MoE model from scratch on featurized data.",
-              "dsk.pretrain", ("featurize",), implemented=False),
+              "dsk.pretrain", ("featurize",), implemented=True),
     StageSpec("finetune", "LoRA/full instruction tuning and DPO on a pretrained model.",
               "dsk.finetune", ("pretrain",), implemented=False, accepts_raw=True),
     StageSpec("quantize", "16/8/4-bit quantization with measured accuracy cost.",

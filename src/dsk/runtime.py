@@ -53,6 +53,7 @@ class StageContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     key_metric: str | None = None
     extra_inputs: list[Artifact] = field(default_factory=list)
+    artifact_id: str = ""  # the id the artifact will have once committed (e.g. to key resumable runs)
 
     @property
     def input(self) -> Input:
@@ -198,6 +199,7 @@ def run_stage(
             store=store,
             kind=kind,
             extra_inputs=list(extra_inputs),
+            artifact_id=artifact_id,
         )
         started_at = utc_now()
         try:

@@ -1,0 +1,47 @@
+"""`dsk pretrain` parameters: the model preset (+ overrides) and the training recipe."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from dsk.config import StageParams
+
+Preset = Literal["tiny", "tiny-dense", "cpu", "small", "base"]
+
+
+class Params(StageParams):
+    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu (best 180-s CPU recipe), small, base.")
+    arch: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Model config overrides on top of the preset, e.g. '{n_layers: 4, attn: mha, n_routed_experts: 0}'.",
+    )
+    context: int = Field(256, ge=8, le=65536, description="Training context length in tokens (also the model's max_seq_len).")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decays to lr * min_lr_ratio.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    schedule_clock: Literal["steps", "time"] = Field(
+        "steps", description="Cosine over max_steps, or over max_minutes of wall time (time: not reproducible)."
+    )
+    optimizer: Literal["adamw", "lion"] = Field("adamw", description="Optimizer (AdamW is fused where available).")
+    weight_decay: float = Field(0.1, ge=0, description="Weight decay of matrices (never norms, biases, embeddings).")
+    beta1: float = Field(0.9, ge=0, lt=1, description="Adam/Lion beta1.")
+    beta2: float = Field(0.95, ge=0, lt=1, description="Adam/Lion beta2.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling.")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device; auto picks cuda, then mps, then cpu.")
+    compile: bool = Field(False, description="torch.compile the model.")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
+    eval_every: int = Field(200, ge=0, description="Evaluate validation loss and bits per byte every N steps (0 = only at the end).")
+    eval_tokens: int = Field(65536, ge=1, description="At most this many validation tokens per evaluation.")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = off); used by --resume.")
+    checkpoint_every_minutes: float = Field(10.0, ge=0, description="Checkpoint every N minutes (0 = off).")
+    keep_checkpoints: int = Field(3, ge=1, description="Keep the last N checkpoints.")
+    profile: int = Field(0, ge=0, description="Profile N steps with torch.profiler: Chrome trace + top-ops table in the artifact.")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")

@@ -1,0 +1,123 @@
+"""`dsk pretrain` build: check the token shards and the config, train, write the model artifact.
+
+In-progress checkpoints live outside the artifact store, in ``<workspace>/runs/pretrain/<id>/``
+keyed by the id the artifact will get, so a killed run can be resumed with ``--resume`` and
+the final artifact still appears atomically. The run directory is removed once the artifact
+is written.
+
+    $ dsk pretrain --preset tiny --max-steps 200 --checkpoint-every 50
+    $ dsk pretrain --preset tiny --max-steps 200 --checkpoint-every 50 --resume
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from dsk import console
+from dsk.artifacts import Artifact, Store
+from dsk.errors import DskError
+from dsk.pretrain.params import Params
+from dsk.runtime import StageContext, resolve_inputs, run_stage
+
+STAGE_VERSION = "1"
+
+
+def train_config(params: Params):
+    from dsk.train import TrainConfig
+
+    return TrainConfig(
+        max_steps=params.max_steps, batch_size=params.batch_size, grad_accum=params.grad_accum, lr=params.lr,
+        min_lr_ratio=params.min_lr_ratio, warmup_steps=params.warmup_steps, schedule_clock=params.schedule_clock,
+        weight_decay=params.weight_decay, beta1=params.beta1, beta2=params.beta2, grad_clip=params.grad_clip,
+        optimizer=params.optimizer, precision=params.precision, device=params.device, compile=params.compile,
+        activation_checkpointing=params.activation_checkpointing, eval_every=params.eval_every,
+        log_every=params.log_every, checkpoint_every=params.checkpoint_every,
+        checkpoint_every_minutes=params.checkpoint_every_minutes, keep_checkpoints=params.keep_checkpoints,
+        max_minutes=params.max_minutes, profile_steps=params.profile, threads=params.threads,
+    )
+
+
+def model_config(params: Params, vocab_size: int):
+    from dsk.models import ModelConfig
+
+    return ModelConfig.preset(params.preset, **{"vocab_size": vocab_size, "max_seq_len": params.context, **params.arch})
+
+
+def run_dir_for(store: Store, artifact_id: str) -> Path:
+    return store.root / "runs" / "pretrain" / artifact_id
+
+
+def run(*, source=None, params: Params, seed: int = 0, force: bool = False, store: Store | None = None,
+        resume: bool = False):
+    store = store or Store.open()
+    inputs = resolve_inputs(store, "pretrain", source)
+    src = inputs[0]
+    if not isinstance(src, Artifact) or src.kind != "tokens":
+        what = f"a {src.kind!r} artifact" if isinstance(src, Artifact) else "a raw path"
+        raise DskError(f"pretrain reads a tokens artifact from `dsk featurize` on text, got {what}; run `dsk featurize` first")
+
+    def build(ctx: StageContext) -> None:
+        _build(ctx, params, src, resume=resume)
+
+    return run_stage(stage="pretrain", params=params, inputs=inputs, build=build, seed=seed, force=force,
+                     store=store, kind="model", stage_version=STAGE_VERSION)
+
+
+def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool) -> None:
+    import torch
+
+    from dsk.models import Transformer, save_model
+    from dsk.train import TokenData, latest_checkpoint, train
+    from dsk.train.plots import plot_curves
+
+    # ---- inputs and config, all checked before any training
+    tokenizer_path = src.path / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise DskError(f"tokens artifact {src.id} has no tokenizer.json; rerun `dsk featurize --force`")
+    data = TokenData.open(src.path, context=params.context, batch_size=params.batch_size, seed=ctx.seed,
+                          eval_tokens=params.eval_tokens)
+    cfg = model_config(params, data.vocab_size)
+    tcfg = train_config(params)
+
+    run_dir = run_dir_for(ctx.store, ctx.artifact_id)
+    resume_from = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and resume_from is None:
+        console.warn(f"nothing to resume for these settings (no checkpoint in {run_dir}); starting from scratch")
+    if resume_from is None and run_dir.exists():
+        shutil.rmtree(run_dir)
+
+    torch.manual_seed(ctx.seed)
+    model = Transformer(cfg)
+    ctx.log.info(
+        f"model: preset {params.preset}, {cfg.attn}, {cfg.n_layers} layers, dim {cfg.dim}, "
+        f"{model.num_params() / 1e6:.2f}M params ({model.num_params(active=True) / 1e6:.2f}M active), "
+        f"vocab {cfg.vocab_size}, context {params.context}"
+    )
+    result = train(
+        model, data, tcfg, run_dir=run_dir, resume_from=resume_from, log=ctx.log,
+        run_fingerprint={"input": src.id, "seed": ctx.seed, "params": params.model_dump(mode="json")},
+    )
+
+    # ---- the artifact
+    save_model(model.cpu(), ctx.out)
+    shutil.copyfile(tokenizer_path, ctx.out / "tokenizer.json")
+    for name in ("metrics.jsonl", "timing.jsonl", "profile_trace.json", "profile_ops.txt"):
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, ctx.out / name)
+    plot_curves(ctx.out / "metrics.jsonl", ctx.out / "curves.png", title=f"pretrain {ctx.artifact_id}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+    ctx.kind = "model"
+    ctx.metrics.update({
+        "val_loss": result.val_loss, "val_bpb": result.val_bpb, "steps": result.steps, "tokens": result.tokens,
+        "train_seconds": result.seconds, "tokens_per_s": result.tokens_per_s, "stopped_by": result.stopped_by,
+        "device": result.device, "resumed_from_step": result.resumed_from_step,
+        "n_params": model.num_params(), "n_active_params": model.num_params(active=True),
+        "vocab_size": cfg.vocab_size, "context": params.context,
+    })
+    ctx.key_metric = "val_bpb"
+    ctx.log.info(
+        f"trained {result.steps} steps ({result.tokens:,} tokens, {result.tokens_per_s:,.0f} tok/s on "
+        f"{result.device}): val loss {result.val_loss:.4f}, {result.val_bpb:.4f} bits/byte"
+    )

@@ -1,0 +1,381 @@
+"""The training loop shared by `dsk pretrain` and `dsk finetune`: one function, labelled phases.
+
+``train(model, data, cfg, run_dir=...)`` runs optimizer steps with gradient accumulation,
+mixed precision (bf16 autocast, or fp16 with dynamic loss scaling), clipping, a warmup +
+cosine schedule, DeepSeek-V3's router-bias balancing after each step, periodic evaluation
+(loss and bits per byte), metrics.jsonl, checkpoints and resume, a wall-clock budget and an
+optional profiler window. ``data`` is anything with ``batch(step, micro)``,
+``val_batches()``, ``bits_per_byte(loss)`` and ``batch_size``/``context`` (see
+:class:`dsk.train.data.TokenData`).
+
+    >>> result = train(model, data, TrainConfig(max_steps=200, lr=2e-3), run_dir=Path("run"))
+    >>> result.val_bpb
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from dsk import console
+from dsk.models import Transformer
+from dsk.train.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
+from dsk.train.optim import lr_at, make_optimizer
+
+log_default = logging.getLogger("dsk.train")
+TIMING_KEYS = ("tokens_per_s", "elapsed_s")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule_clock: str = "steps"  # "steps", or "time": the cosine spans max_minutes (not reproducible)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    optimizer: str = "adamw"  # adamw | lion | muon (Muon on matrices, AdamW on the rest)
+    muon_lr_scale: float = 5.0  # Muon's step size = lr * muon_lr_scale
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | mps
+    compile: bool = False
+    activation_checkpointing: bool = False
+    eval_every: int = 200  # 0: only at the end
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps; 0 = off
+    checkpoint_every_minutes: float = 0.0  # 0 = off
+    keep_checkpoints: int = 3
+    max_minutes: float = 0.0  # wall-clock budget for the loop; 0 = none
+    profile_steps: int = 0  # profile this many steps (after one warm-up step) with torch.profiler
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    val_loss: float
+    val_bpb: float
+    stopped_by: str  # max_steps | max_minutes
+    device: str
+    resumed_from_step: int = 0
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+def pick_device(name: str = "auto") -> str:
+    """auto -> cuda, then mps, then cpu."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_context(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: Any, device: str, precision: str) -> float:
+    """Mean validation loss in nats per token over the data's validation windows."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in data.val_batches():
+        x, y = x.to(device), y.to(device)
+        with autocast_context(device, precision):
+            logits = model(x).logits
+        total += float(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"))
+        count += y.numel()
+    model.train(was_training)
+    return total / max(1, count)
+
+
+def max_violation(load: torch.Tensor) -> float:
+    """DeepSeek's MaxVio: max expert load over mean load, minus one (0 is perfect balance)."""
+    mean = float(load.float().mean())
+    return float(load.max()) / mean - 1.0 if mean > 0 else 0.0
+
+
+def train(
+    model: Transformer,
+    data: Any,
+    cfg: TrainConfig,
+    *,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    run_fingerprint: dict[str, Any] | None = None,
+    log: logging.Logger | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place; metrics, checkpoints and profiles go under ``run_dir``."""
+    log = log or log_default
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    timing_path = run_dir / "timing.jsonl"
+
+    # ---- 1. setup: device, precision, optimizer, loss scaler ---------------------------
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    model.to(device).train()
+    model.grad_checkpointing = cfg.activation_checkpointing
+    forward = torch.compile(model) if cfg.compile else model
+    optimizer = make_optimizer(
+        model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2), device=device, muon_lr_scale=cfg.muon_lr_scale,
+    )
+    # fp16 needs loss scaling; the scaler is a pass-through for fp32/bf16
+    scaler = torch.amp.GradScaler(
+        device if device in ("cuda", "cpu") else "cpu", init_scale=2.0**15, growth_interval=2000,
+        enabled=cfg.precision == "fp16",
+    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    tokens_per_step = data.batch_size * data.context * cfg.grad_accum
+    # what a checkpoint must match to be resumed: the model config and the caller's run identity
+    fp = fingerprint(model.cfg.to_dict(), run_fingerprint or {})
+
+    # ---- 2. resume: weights, optimizer, scaler, RNG and data position --------------------
+    step, elapsed_before, start_step = 0, 0.0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, expect_fingerprint=fp)
+        model.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_torch"])
+        if device == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        step = start_step = int(state["step"])
+        elapsed_before = float(state["elapsed_s"])
+        _truncate_metrics(metrics_path, step)
+        _truncate_metrics(timing_path, step)
+        log.info(f"resumed from {resume_from.name} (step {step})")
+    else:
+        metrics_path.unlink(missing_ok=True)
+        timing_path.unlink(missing_ok=True)
+
+    def checkpoint() -> None:
+        trainer_state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+            "elapsed_s": elapsed(),
+        }
+        save_checkpoint(ckpt_dir, step=step, model=model, trainer_state=trainer_state,
+                        meta={"fingerprint": fp}, keep=cfg.keep_checkpoints)
+
+    # metrics.jsonl holds only what is reproducible on CPU (losses, lr, norms, expert load);
+    # wall-clock numbers (tokens/s, elapsed) go to timing.jsonl
+    metrics_file = open(metrics_path, "a", encoding="utf-8")
+    timing_file = open(timing_path, "a", encoding="utf-8")
+
+    def write(record: dict[str, Any]) -> None:
+        record = dict(record)
+        timing = {k: record.pop(k) for k in TIMING_KEYS if k in record}
+        metrics_file.write(json.dumps(record, sort_keys=True) + "\n")
+        metrics_file.flush()
+        if timing:
+            timing_file.write(json.dumps({"step": record["step"], "split": record["split"], **timing}) + "\n")
+            timing_file.flush()
+
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - started
+
+    budget_s = cfg.max_minutes * 60.0
+    last_ckpt_time = time.perf_counter()
+    interval_loss, interval_steps, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+    interval_load: dict[int, torch.Tensor] = {}
+    evals: list[dict[str, Any]] = []
+    val_loss = float("nan")
+    stopped_by = "max_steps"
+    profiler = None
+    profile_start = start_step + 1
+
+    # ---- 3. the loop ---------------------------------------------------------------------
+    try:
+        with console.progress_task("train", total=cfg.max_steps) as advance:
+            advance(start_step)
+            while step < cfg.max_steps:
+                if cfg.profile_steps and step == profile_start and profiler is None:
+                    profiler = _start_profiler(device)
+                t0 = time.perf_counter()
+
+                # 3a. learning rate for this step
+                if cfg.schedule_clock == "time" and budget_s > 0:
+                    progress = elapsed() / budget_s
+                else:
+                    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+                lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, progress=progress)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                # 3b. forward/backward over the micro-batches
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum):
+                    x, y = data.batch(step, micro)
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with autocast_context(device, cfg.precision):
+                        out = forward(x, targets=y)
+                    loss = out.loss / cfg.grad_accum
+                    scaler.scale(loss).backward()
+                    step_loss += float(out.aux.get("ce_loss", out.loss).detach()) / cfg.grad_accum
+
+                # 3c. unscale, clip, optimizer step (skipped by the scaler on fp16 overflow)
+                scaler.unscale_(optimizer)
+                if cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, float("inf")))
+                scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+                scaler.step(optimizer)
+                scaler.update()
+                skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+                optimizer.zero_grad(set_to_none=True)
+
+                # 3d. aux-loss-free balancing: nudge router biases toward equal expert load
+                if skipped:
+                    for moe in model.moe_layers().values():
+                        moe.load.zero_()
+                else:
+                    for i, load in model.update_router_bias().items():
+                        interval_load[i] = interval_load.get(i, 0) + load.cpu()
+                step += 1
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                interval_time += time.perf_counter() - t0
+                interval_loss += step_loss
+                interval_steps += 1
+                interval_tokens += tokens_per_step
+
+                if profiler is not None:
+                    profiler.step()
+                    if step >= profile_start + cfg.profile_steps:
+                        _finish_profiler(profiler, run_dir, device)
+                        profiler = None
+
+                # 3e. log training metrics
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    tok_s = interval_tokens / max(interval_time, 1e-9)
+                    record = {
+                        "step": step, "split": "train", "loss": round(interval_loss / interval_steps, 5),
+                        "lr": lr, "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
+                        "tokens": step * tokens_per_step, "elapsed_s": round(elapsed(), 2),
+                    }
+                    if scaler.is_enabled():
+                        record["loss_scale"] = scaler.get_scale()
+                    if interval_load:
+                        record["expert_load"] = {str(i): v.tolist() for i, v in interval_load.items()}
+                        record["max_vio"] = {str(i): round(max_violation(v), 4) for i, v in interval_load.items()}
+                    status = f"loss {record['loss']:.3f} · {tok_s / 1000:.1f}k tok/s"
+                    write(record)
+                    advance(interval_steps, status=status)
+                    interval_loss, interval_steps, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+                    interval_load = {}
+
+                # 3f. evaluate
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    val_loss = evaluate(forward, data, device, cfg.precision)
+                    evals.append(_eval_record(write, step, val_loss, data, elapsed()))
+                    log.info(f"step {step}: val loss {val_loss:.4f}, {evals[-1]['bpb']:.4f} bits/byte")
+
+                # 3g. checkpoint by steps or minutes
+                due_steps = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                due_time = cfg.checkpoint_every_minutes and (
+                    time.perf_counter() - last_ckpt_time >= cfg.checkpoint_every_minutes * 60
+                )
+                if (due_steps or due_time) and step < cfg.max_steps:
+                    checkpoint()
+                    last_ckpt_time = time.perf_counter()
+
+                if on_step is not None:
+                    on_step(step)
+
+                # 3h. wall-clock budget
+                if budget_s and elapsed() >= budget_s and step < cfg.max_steps:
+                    stopped_by = "max_minutes"
+                    log.info(f"time budget of {cfg.max_minutes:g} min reached at step {step}")
+                    break
+    except BaseException:
+        metrics_file.close()
+        timing_file.close()
+        raise
+    finally:
+        if profiler is not None:
+            _finish_profiler(profiler, run_dir, device)
+
+    # ---- 4. final evaluation -------------------------------------------------------------
+    try:
+        train_seconds = elapsed()
+        if not evals or evals[-1]["step"] != step:
+            val_loss = evaluate(forward, data, device, cfg.precision)
+            evals.append(_eval_record(write, step, val_loss, data, elapsed()))
+    finally:
+        metrics_file.close()
+        timing_file.close()
+    model.eval()
+    done_tokens = (step - start_step) * tokens_per_step
+    loop_seconds = time.perf_counter() - started
+    return TrainResult(
+        steps=step, tokens=step * tokens_per_step, seconds=round(train_seconds, 3),
+        tokens_per_s=round(done_tokens / max(loop_seconds, 1e-9), 1), val_loss=evals[-1]["loss"],
+        val_bpb=evals[-1]["bpb"], stopped_by=stopped_by, device=device, resumed_from_step=start_step,
+        evals=evals,
+    )
+
+
+def _eval_record(write: Callable, step: int, val_loss: float, data: Any, elapsed_s: float) -> dict[str, Any]:
+    record = {"step": step, "split": "val", "loss": round(val_loss, 6),
+              "bpb": round(data.bits_per_byte(val_loss), 6), "elapsed_s": round(elapsed_s, 2)}
+    write(record)
+    return record
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _start_profiler(device: str):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = profile(activities=activities, record_shapes=False)
+    prof.start()
+    return prof
+
+
+def _finish_profiler(prof, run_dir: Path, device: str) -> None:
+    prof.stop()
+    prof.export_chrome_trace(str(run_dir / "profile_trace.json"))
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    (run_dir / "profile_ops.txt").write_text(prof.key_averages().table(sort_by=sort_by, row_limit=30) + "\n")
