@@ -66,12 +66,11 @@ class ExportDecoder(nn.Module):
                 n, inter, dim = e.w1.shape
                 # all experts side by side, laid out for `x @ W` so each exports as a MatMul with a
                 # constant right operand (a Gemm would be skipped by onnxruntime's dynamic quantizer)
-                self.register_buffer(f"moe{i}_w1", e.w1.detach().reshape(n * inter, dim).t().contiguous(),
-                                     persistent=False)
-                self.register_buffer(f"moe{i}_w3", e.w3.detach().reshape(n * inter, dim).t().contiguous(),
-                                     persistent=False)
-                self.register_buffer(f"moe{i}_w2", e.w2.detach().permute(0, 2, 1).reshape(n * inter, dim),
-                                     persistent=False)
+                # (persistent buffers become initializers; non-persistent ones would be inlined as
+                # Constant nodes, which onnxruntime's quantizer does not look at)
+                self.register_buffer(f"moe{i}_w1", e.w1.detach().reshape(n * inter, dim).t().contiguous())
+                self.register_buffer(f"moe{i}_w3", e.w3.detach().reshape(n * inter, dim).t().contiguous())
+                self.register_buffer(f"moe{i}_w2", e.w2.detach().permute(0, 2, 1).reshape(n * inter, dim))
 
     def past_names(self) -> list[str]:
         kinds = ("kv", "k_rope") if self.cfg.attn == "mla" else ("k", "v")
