@@ -14,7 +14,6 @@ tokenizer.json), so `dsk.models.onnx_runtime.OnnxLM` and the server load it the 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,7 +54,6 @@ class _Calibration:
 def build_onnx(ctx: StageContext, art: Artifact) -> None:
     _check(ctx)
     import numpy as np
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from dsk.evaluation.lm import evaluate_lm, read_val_tokens, val_batches
