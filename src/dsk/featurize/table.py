@@ -182,15 +182,23 @@ def shap_importance(ctx: StageContext, X: pd.DataFrame, y: np.ndarray, n_classes
     importance = pd.Series(per_feature, index=X.columns).sort_values(ascending=False, kind="stable")
 
     fig = plt.figure()
+    # the beeswarm jitters points at random: a seeded generator keeps the PNG reproducible
+    import inspect
+
+    seeded = {"rng": np.random.default_rng(ctx.seed)} if "rng" in inspect.signature(shap.summary_plot).parameters else {}
+    rng_state = np.random.get_state()
+    if not seeded:  # shap < 0.47 draws from numpy's global RNG
+        np.random.seed(ctx.seed)
     if values.ndim == 2:
-        shap.summary_plot(values, sample, show=False, max_display=20)
+        shap.summary_plot(values, sample, show=False, max_display=20, **seeded)
     else:
         shap.summary_plot([values[:, :, k] for k in range(values.shape[2])], sample, show=False,
-                          max_display=20, plot_type="bar")
+                          max_display=20, plot_type="bar", **seeded)
     plt.gcf().set_size_inches(8, 6)
     plt.tight_layout()
     plt.savefig(ctx.out / "shap_summary.png", dpi=80, metadata={"Software": None})
     plt.close("all")
+    np.random.set_state(rng_state)
     del fig
     return importance
 
