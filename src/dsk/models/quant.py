@@ -43,7 +43,8 @@ from dsk.errors import DskError
 
 BITS = (16, 8, 4)
 SCHEMES = ("weight-only", "dynamic", "static")
-GROUP_SIZES = (32, 64, 128)
+GROUP_SIZES = (16, 32, 64, 128)
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
 FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 QUANT_FORMAT_VERSION = 1
 KERNEL_DTYPE = torch.bfloat16  # activation dtype of the weight-only int kernels (see module doc)
@@ -213,9 +214,11 @@ class QuantLinear(nn.Module):
         """Derived, non-persistent forms of the weights for the int kernels (built once, lazily)."""
         if self._kernel_state is None or self._kernel_state["src"] is not self.qweight:
             state: dict[str, torch.Tensor] = {"src": self.qweight}
-            # the CPU int4 kernel tiles output rows by 16; other layers dequantize once and keep it
+            # the CPU int4 kernel tiles output rows by 16 and takes groups of 32..256; other layers
+            # dequantize once and keep it
             if (self.bits == 4 and _has_op("_convert_weight_to_int4pack_for_cpu")
-                    and self.qweight.device.type == "cpu" and self.out_features % 16 == 0):
+                    and self.qweight.device.type == "cpu" and self.out_features % 16 == 0
+                    and self.group_size in KERNEL_GROUP_SIZES):
                 q = unpack_int4(self.qweight).to(torch.int32)
                 state["int4pack"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
                 scales = self.scales.float()
