@@ -166,7 +166,7 @@ def main() -> int:
             skipped.append({"scheme": name, "reason": str(exc)})
             print(f"{name}: skipped: {exc}", flush=True)
             continue
-        rows.append({"scheme": name, "backend": "torch", **m})
+        rows.append({**m, "name": name, "backend": "torch"})
         print(f"{name}: {time.perf_counter() - t:.0f}s ratio {m['size_ratio_fp32']:.3f} "
               f"ppl {m['parent_perplexity']:.3f}->{m['perplexity']:.3f} ({m['perplexity_change_pct']:+.2f}%) "
               f"{m.get('decode_tokens_per_s', 0):.1f} tok/s (fp32 {m.get('parent_decode_tokens_per_s', 0):.1f})", flush=True)
@@ -178,7 +178,7 @@ def main() -> int:
         t = time.perf_counter()
         m = quantize.run(source=model.id, params=quantize.Params(bits=8, scheme=scheme, backend="onnx", **common),
                          store=store).artifact.metrics
-        rows.append({"scheme": f"ORT int8 {scheme}", **m})
+        rows.append({**m, "name": f"ORT int8 {scheme}"})
         print(f"ORT int8 {scheme}: {time.perf_counter() - t:.0f}s {m}", flush=True)
 
     result = {
@@ -221,7 +221,7 @@ def markdown(r: dict) -> str:
     for row in r["rows"]:
         fp32_tok = row.get("parent_decode_tokens_per_s", row.get("torch_fp32_decode_tokens_per_s"))
         lines.append(
-            f"| {row['scheme']} | {row['backend']} | {row['size_bytes'] / 1e6:.2f} | {row['size_ratio_fp32']:.3f} | "
+            f"| {row['name']} | {row['backend']} | {row['size_bytes'] / 1e6:.2f} | {row['size_ratio_fp32']:.3f} | "
             f"{row['perplexity']:.3f} | {row['perplexity_change_pct']:+.2f}% | {f(row['bpb'], '.4f')} | "
             f"{f(row['bpb_change'], '+.4f')} | {f(row.get('decode_tokens_per_s'), '.1f')} | {f(fp32_tok, '.1f')} |"
         )
@@ -237,9 +237,9 @@ def markdown(r: dict) -> str:
     for row in r["rows"]:
         if row["backend"] == "onnx":
             base = row["torch_fp32_decode_tokens_per_s"]
-            lines.append(f"| torch fp32 eager (with {row['scheme']}) | {base:.1f} | 1.00 |")
+            lines.append(f"| torch fp32 eager (run of {row['name']}) | {base:.1f} | 1.00 |")
             lines.append(f"| ORT fp32 | {row['ort_fp32_decode_tokens_per_s']:.1f} | {row['ort_fp32_decode_tokens_per_s'] / base:.2f} |")
-            lines.append(f"| {row['scheme']} | {row['ort_int8_decode_tokens_per_s']:.1f} | {row['ort_int8_decode_tokens_per_s'] / base:.2f} |")
+            lines.append(f"| {row['name']} | {row['ort_int8_decode_tokens_per_s']:.1f} | {row['ort_int8_decode_tokens_per_s'] / base:.2f} |")
     for sk in r.get("skipped", []):
         lines.append(f"\n{sk['scheme']}: not applicable: {sk['reason']}")
     lines += ["", "Sizes of the ORT rows are relative to the fp32 ONNX graph; the others to fp32 safetensors."]

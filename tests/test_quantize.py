@@ -74,7 +74,7 @@ def test_int4_groupwise_error_is_bounded_by_one_step():
 @pytest.mark.parametrize(
     "bits,scheme,group,tol",
     [(8, "weight-only", None, 0.01), (8, "dynamic", None, 0.02), (8, "static", None, 0.03),
-     (4, "weight-only", 32, 0.12), (4, "weight-only", 128, 0.15)],
+     (4, "weight-only", 16, 0.10), (4, "weight-only", 32, 0.12), (4, "weight-only", 128, 0.15)],
 )
 def test_quantized_linear_is_close_to_float(bits, scheme, group, tol):
     torch.manual_seed(0)
@@ -89,8 +89,9 @@ def test_quantized_linear_is_close_to_float(bits, scheme, group, tol):
     assert y.shape == ref.shape
     rel = float((y - ref).norm() / ref.norm())
     assert rel < tol, rel
-    # the int kernel path and the plain dequantize-then-matmul path agree
-    assert torch.allclose(y, x @ q.dequantized_weight().T, atol=0.05 if scheme != "weight-only" else 1e-4)
+    # the int kernel path (bf16 or int8 activations) and the fp32 dequantize-then-matmul path agree
+    deq = x @ q.dequantized_weight().T
+    assert float((y - deq).norm() / deq.norm()) < (0.01 if scheme == "weight-only" else 0.03)
 
 
 def test_quantized_model_has_bounded_perplexity_change(trained):
@@ -191,7 +192,7 @@ def test_quantize_onnx_backend_dynamic(trained):
     "args,needle",
     [
         (["--set", "bits=3"], "expected one of 16, 8, 4"),
-        (["--bits", "4", "--set", "group_size=48"], "expected one of 32, 64, 128"),
+        (["--bits", "4", "--set", "group_size=48"], "expected one of 16, 32, 64, 128"),
         (["--bits", "4", "--group-size", "128"], "does not divide the layer width 192"),
         (["--bits", "4", "--scheme", "static"], "--bits 4 supports only --scheme weight-only"),
         (["--bits", "4", "--backend", "onnx"], "--backend onnx supports --bits 8"),
@@ -213,7 +214,7 @@ def test_quantize_choice_options_name_the_choices(shared_cli, trained):
     code, _, err = shared_cli("quantize", art.id, "--bits", "3")
     assert code == 2 and "'16', '8', '4'" in err
     code, _, err = shared_cli("quantize", art.id, "--bits", "4", "--group-size", "48")
-    assert code == 2 and "'32', '64', '128'" in err
+    assert code == 2 and "'16', '32', '64', '128'" in err
 
 
 def test_quantize_refuses_quantized_input_and_missing_onnxruntime(shared_cli, trained, monkeypatch):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +95,6 @@ def build_hf(ctx: StageContext, art: Artifact) -> None:
 
 
 def build_onnx(ctx: StageContext, art: Artifact) -> None:
-    import torch
-
     from dsk.models import load_model
     from dsk.models.onnx_export import export_onnx, verify_onnx, write_layout
 

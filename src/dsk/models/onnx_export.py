@@ -64,11 +64,13 @@ class ExportDecoder(nn.Module):
             if isinstance(block.ffn, MoE):
                 e = block.ffn.experts
                 n, inter, dim = e.w1.shape
-                # all experts side by side: one [E*I, D] matrix per projection
-                self.register_buffer(f"moe{i}_w1", e.w1.detach().reshape(n * inter, dim), persistent=False)
-                self.register_buffer(f"moe{i}_w3", e.w3.detach().reshape(n * inter, dim), persistent=False)
-                self.register_buffer(f"moe{i}_w2", e.w2.detach().permute(0, 2, 1).reshape(n * inter, dim),
-                                     persistent=False)
+                # all experts side by side, laid out for `x @ W` so each exports as a MatMul with a
+                # constant right operand (a Gemm would be skipped by onnxruntime's dynamic quantizer)
+                # (persistent buffers become initializers; non-persistent ones would be inlined as
+                # Constant nodes, which onnxruntime's quantizer does not look at)
+                self.register_buffer(f"moe{i}_w1", e.w1.detach().reshape(n * inter, dim).t().contiguous())
+                self.register_buffer(f"moe{i}_w3", e.w3.detach().reshape(n * inter, dim).t().contiguous())
+                self.register_buffer(f"moe{i}_w2", e.w2.detach().permute(0, 2, 1).reshape(n * inter, dim))
 
     def past_names(self) -> list[str]:
         kinds = ("kv", "k_rope") if self.cfg.attn == "mla" else ("k", "v")
@@ -151,12 +153,13 @@ class ExportDecoder(nn.Module):
         dense_w = torch.zeros_like(scores).scatter(1, ids, w)  # [N, E], zero for unchosen experts
         E = scores.shape[-1]
         w1, w3, w2 = getattr(self, f"moe{i}_w1"), getattr(self, f"moe{i}_w3"), getattr(self, f"moe{i}_w2")
-        hid = F.silu(F.linear(flat, w1)) * F.linear(flat, w3)  # [N, E*I]
-        hid = (hid.view(B * T, E, -1) * dense_w.unsqueeze(-1)).reshape(B * T, -1)
+        # 3-D activations throughout, so every projection is a MatMul (see __init__)
+        hid = F.silu(torch.matmul(x, w1)) * torch.matmul(x, w3)  # [B, T, E*I]
+        hid = (hid.view(B, T, E, -1) * dense_w.view(B, T, E, 1)).reshape(B, T, -1)
         y = torch.matmul(hid, w2)
         if moe.shared_experts is not None:
-            y = y + moe.shared_experts(flat)
-        return y.view(B, T, D)
+            y = y + moe.shared_experts(x)
+        return y
 
 
 def export_onnx(model: Transformer, path: str | Path, *, opset: int = OPSET) -> dict[str, Any]:

@@ -51,9 +51,9 @@ class OnnxLM:
         self.max_seq_len: int = self.layout["max_seq_len"]
         self.tokenizer = None
         if (root / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
+            from dsk.data.tokenizer import load_tokenizer
 
-            self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+            self.tokenizer = load_tokenizer(root / "tokenizer.json")  # the same class load_model returns
 
     def empty_past(self, batch_size: int) -> list[np.ndarray]:
         return [np.zeros((batch_size, 0, *s), dtype=np.float32) for s in self.past_shapes]

@@ -9,11 +9,11 @@ from pydantic import Field
 from dsk.config import StageParams
 from dsk.tabular.params import TableParams
 
-Preset = Literal["tiny", "tiny-dense", "cpu", "cpu-moe", "small", "base"]
+Preset = Literal["tiny", "tiny-dense", "tiny-v3", "cpu", "cpu-moe", "small", "small-v3", "base"]
 
 
 class Params(StageParams):
-    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu / cpu-moe (the 180-s CPU benchmark's shapes), small, base.")
+    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu / cpu-moe (the 180-s CPU benchmark's shapes), small, base; tiny-v3 / small-v3 match DeepSeek-V3 exactly (export to DeepseekV3ForCausalLM).")
     arch: dict[str, Any] = Field(
         default_factory=dict,
         description="Model config overrides on top of the preset, e.g. '{n_layers: 4, attn: mha, n_routed_experts: 0}'.",

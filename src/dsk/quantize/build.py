@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 from typing import Any
 
 from dsk import console
@@ -147,7 +146,7 @@ def build(ctx: StageContext) -> None:
     if p.bench_tokens:
         val, _ = read_val_tokens(tokens.path)
         prompt = torch.from_numpy(val[:16].astype("int64"))[None]
-        n = min(p.bench_tokens, cfg.max_seq_len - prompt.shape[1] - 8)
+        n = max(1, min(p.bench_tokens, cfg.max_seq_len - prompt.shape[1] - 8))
         m["decode_tokens_per_s"] = torch_decode_tokens_per_s(reloaded, prompt, n)
         m["parent_decode_tokens_per_s"] = torch_decode_tokens_per_s(parent, prompt, n)
         m["decode_speedup"] = m["decode_tokens_per_s"] / m["parent_decode_tokens_per_s"]

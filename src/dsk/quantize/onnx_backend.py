@@ -14,7 +14,6 @@ tokenizer.json), so `dsk.models.onnx_runtime.OnnxLM` and the server load it the 
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,7 +54,6 @@ class _Calibration:
 def build_onnx(ctx: StageContext, art: Artifact) -> None:
     _check(ctx)
     import numpy as np
-    import torch
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from dsk.evaluation.lm import evaluate_lm, read_val_tokens, val_batches
@@ -79,9 +77,11 @@ def build_onnx(ctx: StageContext, art: Artifact) -> None:
         write_layout(layout, fp32_dir)
         ctx.log.info(f"exported the fp32 graph; quantizing with onnxruntime ({p.scheme})")
         out_graph = ctx.out / "model.onnx"
+        # the router (a Gemm) and, unless --quantize-head, the LM head stay fp32 as in the torch backend
+        keep_float = [] if p.quantize_head else _lm_head_nodes(fp32_dir / "model.onnx")
         if p.scheme == "dynamic":
             quantize_dynamic(str(fp32_dir / "model.onnx"), str(out_graph), weight_type=QuantType.QInt8,
-                             per_channel=True, op_types_to_quantize=["MatMul", "Gemm"])
+                             per_channel=True, op_types_to_quantize=["MatMul"], nodes_to_exclude=keep_float)
         else:
             val, _ = read_val_tokens(tokens.path)
             tail = val[len(val) // 2 :]
@@ -94,8 +94,8 @@ def build_onnx(ctx: StageContext, art: Artifact) -> None:
             # weights only: matmuls with a constant operand; activation x activation stays fp32
             quantize_static(str(fp32_dir / "model.onnx"), str(out_graph), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            op_types_to_quantize=["MatMul", "Gemm"],
-                            nodes_to_exclude=_activation_matmuls(fp32_dir / "model.onnx"))
+                            op_types_to_quantize=["MatMul"],
+                            nodes_to_exclude=_activation_matmuls(fp32_dir / "model.onnx") + keep_float)
             ctx.log.info(f"calibrated activation ranges on {len(feeds)} validation windows of {seq} tokens")
         layout["quantization"] = {"bits": 8, "scheme": p.scheme, "engine": "onnxruntime",
                                   "format": "QOperator" if p.scheme == "dynamic" else "QDQ"}
@@ -138,6 +138,14 @@ def build_onnx(ctx: StageContext, art: Artifact) -> None:
            f"{m['ort_fp32_decode_tokens_per_s']:.1f}, ORT int8 {m['ort_int8_decode_tokens_per_s']:.1f}"
            if p.bench_tokens else "")
     )
+
+
+def _lm_head_nodes(path: Path) -> list[str]:
+    """The MatMul that produces the logits."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and "logits" in n.output]
 
 
 def _activation_matmuls(path: Path) -> list[str]:

@@ -19,7 +19,9 @@ class Params(StageParams):
         description="8-bit only: 'weight-only'; 'dynamic' adds int8 activations quantized at run time; "
         "'static' calibrates per-tensor uint8 activation ranges on validation data.",
     )
-    group_size: Literal[32, 64, 128] = Field(64, description="4-bit only: input channels sharing one scale and zero point.")
+    group_size: Literal[16, 32, 64, 128] = Field(
+        64, description="4-bit only: input channels sharing one scale and zero point (16 runs without the int4 kernel)."
+    )
     float_dtype: Literal["float16", "bfloat16"] = Field(
         "float16", description="Storage dtype at --bits 16, and of the tensors kept in floating point (embeddings) otherwise."
     )
