@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_helpers import make_tokens_artifact
+from pretrain_helpers import SAMPLE, make_tokens_artifact
 
 TINY = ["--max-steps", "10", "--batch-size", "4", "--context", "32", "--eval-every", "5", "--log-every", "2",
         "--warmup-steps", "2", "--eval-tokens", "2048", "--threads", "1"]
@@ -48,14 +48,38 @@ def test_pretrain_10_steps_writes_model_artifact(cli, workspace):
     assert all("max_vio" in r and "expert_load" in r for r in records if r["split"] == "train")  # tiny is MoE
     assert records[-1]["bpb"] == pytest.approx(m["val_bpb"])
     model, tokenizer, cfg = load_model(path)
-    assert cfg.vocab_size == tokenizer.get_vocab_size() and cfg.max_seq_len == 32
-    ids = model.generate(torch.tensor([tokenizer.encode("ROMEO:").ids]), 8, temperature=0)
-    assert ids.shape[1] == len(tokenizer.encode("ROMEO:").ids) + 8
+    assert cfg.vocab_size == tokenizer.vocab_size and cfg.max_seq_len == 32
+    prompt = tokenizer.encode("ROMEO:")
+    ids = model.generate(torch.tensor([prompt]), 8, temperature=0)
+    assert ids.shape[1] == len(prompt) + 8 and isinstance(tokenizer.decode(ids[0].tolist()), str)
     # no run directory is left behind once the artifact exists
     assert not (workspace / "runs" / "pretrain" / summary["id"]).exists()
 
     code, out, _ = cli("pretrain", *TINY, "--json")
     assert code == 0 and json.loads(out)["cached"] is True
+
+
+def test_pretrain_on_real_featurize_output(cli, workspace):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dsk.config import StageParams
+    from dsk.runtime import run_stage
+
+    docs = [p for p in SAMPLE.read_text()[:40_000].split("\n\n") if p.strip()]
+
+    def build(ctx):  # a clean-like text artifact in the documented layout
+        pq.write_table(pa.table({"doc_id": pa.array(range(len(docs)), pa.int64()), "text": docs,
+                                 "source": ["sample"] * len(docs), "line": pa.array([0] * len(docs), pa.int64())}),
+                       ctx.out / "documents.parquet")
+        ctx.kind = "text"
+
+    run_stage(stage="clean", params=StageParams(), inputs=[], build=build, kind="text")
+    code, _, err = cli("featurize", "--vocab-size", "300", "--val-fraction", "0.1")
+    assert code == 0, err
+    code, out, err = cli("pretrain", *TINY, "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["steps"] == 10
 
 
 def test_train_alias_and_profile(cli, workspace):

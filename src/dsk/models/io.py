@@ -55,7 +55,11 @@ def load_state(model: Transformer, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer or None, cfg) from a model artifact directory."""
+    """(model in eval mode, tokenizer or None, cfg) from a model artifact directory.
+
+    The tokenizer is :class:`dsk.data.tokenizer.Tokenizer` (``encode`` -> list of ids,
+    ``decode``, ``eot_id``, ``format_chat``; the Hugging Face object is ``tokenizer.hf``).
+    """
     from safetensors.torch import load_file
 
     root = Path(path)
@@ -70,7 +74,7 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu"):
     model.to(device).eval()
     tokenizer = None
     if (root / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
+        from dsk.data.tokenizer import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        tokenizer = load_tokenizer(root / "tokenizer.json")
     return model, tokenizer, cfg

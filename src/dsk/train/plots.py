@@ -31,12 +31,14 @@ def plot_curves(metrics_path: Path, out_path: Path, *, title: str = "") -> None:
     ax.set_xlabel("step")
     ax.set_title(title or "loss")
     ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
     if val:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in val], [r["bpb"] for r in val], "s--", color="tab:green", label="val bits/byte")
         ax2.set_ylabel("bits per byte")
-        ax2.legend(loc="upper center")
-    ax.legend(loc="upper right")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right")
     if moe:
         ax = axes[0][1]
         for layer in sorted(moe[-1]["max_vio"], key=int):
