@@ -255,6 +255,29 @@ class Experts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
 
+    def grouped(self, x: torch.Tensor, ends: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """All experts at once on expert-sorted rows ``x``; ``ends`` [E] int32 = cumulative counts.
+
+        Three grouped matmuls (``torch._grouped_mm``) instead of 3 x E small ones: no host
+        sync for the per-expert counts and one launch per weight, so it compiles into the graph.
+        """
+        x = x.to(dtype)
+        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(torch._grouped_mm(x, w1, offs=ends)) * torch._grouped_mm(x, w3, offs=ends)
+        return torch._grouped_mm(h, w2, offs=ends)
+
+
+def use_grouped_mm(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype to run grouped expert matmuls in, or None for the per-expert loop.
+
+    The grouped kernel needs CUDA and bf16 (autocast); CPU and fp32 keep the exact loop.
+    """
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return None
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+        return torch.bfloat16
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else None
+
 
 class MoE(nn.Module):
     """DeepSeekMoE: always-on shared experts + top-k of fine-grained routed experts.
@@ -280,20 +303,27 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, ids, scores = self.gate(flat)
-        counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
+        # a fixed-size count (bincount's size depends on the data, which breaks torch.compile)
+        flat_ids = ids.flatten()
+        counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device)
+        counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
 
         y = torch.zeros_like(flat)
-        order = ids.flatten().argsort(stable=True)
+        order = flat_ids.argsort(stable=True)
         token_of = order // self.gate.topk
         routed_in = flat[token_of]
         routed_w = weights.flatten()[order].unsqueeze(-1)
-        outs = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                outs.append(self.experts.expert(e, routed_in[start : start + n]))
-            start += n
-        routed_out = torch.cat(outs) if outs else routed_in.new_zeros(0, D)
+        grouped_dtype = use_grouped_mm(flat)
+        if grouped_dtype is not None:
+            routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32), grouped_dtype)
+        else:
+            outs = []
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    outs.append(self.experts.expert(e, routed_in[start : start + n]))
+                start += n
+            routed_out = torch.cat(outs) if outs else routed_in.new_zeros(0, D)
         y.index_add_(0, token_of, (routed_out.float() * routed_w).to(y.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat).to(y.dtype)
@@ -427,14 +457,17 @@ class Transformer(nn.Module):
         start_pos: torch.Tensor | int | None = None,
     ) -> ModelOutput:
         B, T = idx.shape
+        plain = start_pos is None and cache is None  # training/scoring from position 0
         if start_pos is None:
             start_pos = torch.zeros(B, dtype=torch.long, device=idx.device)
         elif isinstance(start_pos, int):
             start_pos = torch.full((B,), start_pos, dtype=torch.long, device=idx.device)
         positions = start_pos.to(idx.device).view(B, 1) + torch.arange(T, device=idx.device)
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
-        if T and int(positions.max()) >= limit:
-            raise DskError(f"sequence position {int(positions.max())} is beyond the limit of {limit} tokens")
+        # from position 0 the check needs no device read (a host sync, and a graph break under compile)
+        last = T - 1 if plain else (int(positions.max()) if T else -1)
+        if last >= limit:
+            raise DskError(f"sequence position {last} is beyond the limit of {limit} tokens")
         h, counts, balance = self.trunk(self.embed(idx), positions, cache)
         if self.training:
             for i, c in counts.items():
@@ -462,7 +495,8 @@ class Transformer(nn.Module):
         loads = {}
         for i, moe in self.moe_layers().items():
             load = moe.load.clone()
-            if load.sum() > 0 and self.cfg.bias_update_speed > 0:
+            # no `load.sum() > 0` test (a host sync): with no tokens, sign(mean - load) is 0 anyway
+            if self.cfg.bias_update_speed > 0:
                 moe.gate.update_bias(load, self.cfg.bias_update_speed)
             moe.load.zero_()
             loads[i] = load

@@ -8,11 +8,11 @@ from pydantic import Field
 
 from dsk.config import StageParams
 
-Preset = Literal["tiny", "tiny-dense", "cpu", "small", "base"]
+Preset = Literal["tiny", "tiny-dense", "cpu", "small", "base", "gpt2", "gpt2-moe"]
 
 
 class Params(StageParams):
-    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu (best 180-s CPU recipe), small, base.")
+    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu (best 180-s CPU recipe), small, base, gpt2 (GPT-2 124M shape, dense), gpt2-moe (same active width, 32 experts).")
     arch: dict[str, Any] = Field(
         default_factory=dict,
         description="Model config overrides on top of the preset, e.g. '{n_layers: 4, attn: mha, n_routed_experts: 0}'.",
