@@ -113,6 +113,8 @@ def wrap(model: nn.Module, info: DistInfo, *, strategy: str, comm_hook: str = "n
                       else {"broadcast_buffers": False})
     ddp = DDP(model, device_ids=[info.local_rank] if cuda else None, gradient_as_bucket_view=True, **no_buffer_sync)
     if comm_hook == "bf16":
+        if not cuda:
+            raise DskError("--comm-hook bf16 needs NCCL (CUDA GPUs); on CPU use fp16 or powersgd")
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
