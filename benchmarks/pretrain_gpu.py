@@ -54,12 +54,12 @@ VARIANTS: dict[str, dict] = {
     "dense-b32": dict(model="dsk", preset="gpt2", batch=32),
     "moe-b32": dict(model="dsk", preset="gpt2-moe", batch=32),
     "dense-b32-cudnn": dict(model="dsk", preset="gpt2", batch=32, sdpa="cudnn"),
-    "nanogpt-b32-cudnn": dict(model="nanogpt", batch=32, sdpa="cudnn"),
     "moe-b32-cudnn": dict(model="dsk", preset="gpt2-moe", batch=32, sdpa="cudnn"),
     "dense-b64-cudnn": dict(model="dsk", preset="gpt2", batch=64, sdpa="cudnn"),
     "moe-b64-cudnn": dict(model="dsk", preset="gpt2-moe", batch=64, sdpa="cudnn"),
-    "moe-b32-loop-eager": dict(model="dsk", preset="gpt2-moe", batch=32, moe="loop", compile=False, steps=8),
     "trainer-dense-b32": dict(model="trainer", preset="gpt2", batch=32),
+    "moe-b32-loop-eager": dict(model="dsk", preset="gpt2-moe", batch=32, moe="loop", compile=False, steps=8),
+    "nanogpt-b32-cudnn": dict(model="nanogpt", batch=32, sdpa="cudnn"),
 }
 
 
