@@ -233,6 +233,7 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
         schedule_clock="time", weight_decay=trial.get("weight_decay", 0.1), beta1=trial.get("beta1", 0.9),
         beta2=trial.get("beta2", 0.95), grad_clip=trial.get("grad_clip", 1.0), optimizer=trial.get("optimizer", "adamw"),
         precision=trial.get("precision", "fp32"), device="cpu", eval_every=0, log_every=50,
+        muon_lr_scale=trial.get("muon_lr_scale", 5.0), compile=trial.get("compile", False),
         max_minutes=max(remaining, 1.0) / 60, threads=threads,
     )
     with tempfile.TemporaryDirectory() as run_dir:
@@ -290,14 +291,14 @@ def run_isolated(args: list[str], cores: str | None = None) -> dict:
     return json.loads(lines[-1])
 
 
-def search(trials_file: Path, slots: int, out_dir: Path, anchor: bool, ref_ms: float) -> None:
+def search(trials_file: Path, slots: int, out_dir: Path, anchor: bool, ref_ms: float, budget: str) -> None:
     """Device-machine search: trials in parallel, each pinned to 2 cores, budgets calibrated by the anchor."""
     import concurrent.futures as cf
 
     trials = json.loads(trials_file.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
     cores = [f"{2 * i},{2 * i + 1}" for i in range(slots)]
-    jobs = ([["--anchor"]] if anchor else []) + [["--trial", json.dumps(t), "--budget", "auto", "--ref-ms", str(ref_ms)] for t in trials]
+    jobs = ([["--anchor"]] if anchor else []) + [["--trial", json.dumps(t), "--budget", budget, "--ref-ms", str(ref_ms)] for t in trials]
     results = []
     with cf.ThreadPoolExecutor(max_workers=slots) as pool:
         free = list(cores)
@@ -353,13 +354,14 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=2000, help="anchor iterations")
     ap.add_argument("--search", type=Path, help="JSON list of trials to run in parallel (device machine)")
     ap.add_argument("--slots", type=int, default=7)
+    ap.add_argument("--with-anchor", action="store_true", help="--search: run the anchor too (calibration)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", RESULTS)))
     ap.add_argument("--ref-ms", type=float, default=float(os.environ.get("ANCHOR_REF_MS", 0) or 0),
                     help="the anchor's ms/iteration on the target machine (for --budget auto)")
     args = ap.parse_args()
 
     if args.search:
-        search(args.search, args.slots, args.out, anchor=True, ref_ms=args.ref_ms)
+        search(args.search, args.slots, args.out, anchor=args.with_anchor, ref_ms=args.ref_ms, budget=args.budget)
         return 0
     if args.anchor:
         print(json.dumps(run_anchor(iters=args.iters, threads=args.threads)))
