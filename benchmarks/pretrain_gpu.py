@@ -202,7 +202,8 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
     if quick:
         batch, context, vocab = 2, 64, 512
     steps = 4 if quick else v.get("steps", 25)
-    warmup = 2 if quick else 6
+    # MoE: 30 steps before timing, so the routers' bias balancing has started (docs/performance.md)
+    warmup = 2 if quick else v.get("warmup", 30 if v.get("preset", "").endswith("moe") else 6)
     compile_ = v.get("compile", True) and not quick
     autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
     row: dict = {"variant": name, **v, "batch": batch, "context": context, "vocab": vocab, "device": device}

@@ -178,5 +178,5 @@ PRESETS["gpt2"] = dict(
 PRESETS["gpt2-moe"] = dict(
     dim=768, n_layers=12, n_heads=12, max_seq_len=1024, attn="mha", inter_dim=2048,
     n_dense_layers=1, n_routed_experts=32, n_shared_experts=1, n_activated_experts=3, moe_inter_dim=512,
-    bias_update_speed=0.001,
+    bias_update_speed=0.01,  # 10x DeepSeek-V3's: short runs need the routers balanced within tens of steps
 )

@@ -267,6 +267,23 @@ class Experts(nn.Module):
         return torch._grouped_mm(h, w2, offs=ends)
 
 
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` for a permutation ``perm``; the backward is the gather ``grad[inverse]``."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
 def use_grouped_mm(x: torch.Tensor) -> torch.dtype | None:
     """The dtype to run grouped expert matmuls in, or None for the per-expert loop.
 
@@ -303,19 +320,23 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, ids, scores = self.gate(flat)
-        # a fixed-size count (bincount's size depends on the data, which breaks torch.compile)
+        k, E = self.gate.topk, self.gate.n_experts
+        # (token, slot) pairs sorted by expert; ``inverse`` undoes the sort. Moving rows with
+        # these two permutations (gathers both ways, see permute_rows) replaces indexing
+        # whose backward is an atomic scatter, 3x slower on an H100 (docs/performance.md)
         flat_ids = ids.flatten()
-        counts = torch.zeros(self.gate.n_experts, dtype=torch.long, device=x.device)
-        counts.index_add_(0, flat_ids, torch.ones_like(flat_ids))
-
-        y = torch.zeros_like(flat)
         order = flat_ids.argsort(stable=True)
-        token_of = order // self.gate.topk
-        routed_in = flat[token_of]
-        routed_w = weights.flatten()[order].unsqueeze(-1)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        # each expert's end in the sorted list: fixed-size, no atomics (bincount's size depends on the data)
+        ends = torch.searchsorted(flat_ids[order], torch.arange(E, device=x.device), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
+
         grouped_dtype = use_grouped_mm(flat)
+        src = flat.to(grouped_dtype) if grouped_dtype is not None else flat
+        routed_in = permute_rows(src.repeat_interleave(k, dim=0), order, inverse)
         if grouped_dtype is not None:
-            routed_out = self.experts.grouped(routed_in, counts.cumsum(0).to(torch.int32), grouped_dtype)
+            routed_out = self.experts.grouped(routed_in, ends.to(torch.int32), grouped_dtype)
         else:
             outs = []
             start = 0
@@ -324,7 +345,8 @@ class MoE(nn.Module):
                     outs.append(self.experts.expert(e, routed_in[start : start + n]))
                 start += n
             routed_out = torch.cat(outs) if outs else routed_in.new_zeros(0, D)
-        y.index_add_(0, token_of, (routed_out.float() * routed_w).to(y.dtype))
+        back = permute_rows(routed_out, inverse, order).view(-1, k, D)  # token-major again
+        y = (back.float() * weights.unsqueeze(-1)).sum(dim=1).to(flat.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat).to(y.dtype)
 
