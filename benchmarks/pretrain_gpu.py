@@ -33,6 +33,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -413,10 +414,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few steps (smoke test; runs on CPU)")
     ap.add_argument("--only", default="", help="comma-separated variant names")
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(RESULTS), help="directory for results and profile tables")
+    ap.add_argument("--out", default="", help="results directory (default benchmarks/results; --quick: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip variants that would start after this")
     args = ap.parse_args()
-    out_dir = Path(args.out)
+    # a smoke run must not overwrite the measured results
+    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "dsk-bench-quick" if args.quick else RESULTS))
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if args.variant:
@@ -424,6 +426,9 @@ def main() -> None:
         print("RESULT " + json.dumps(row), flush=True)
         return
 
+    if not torch.cuda.is_available() and not args.quick:
+        print(f"{Path(__file__).name}: needs a CUDA GPU (results in docs/performance.md); --quick runs a CPU smoke test")
+        return
     t_start = time.perf_counter()
     cuda = torch.cuda.is_available()
     meta = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,

@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="sequences per GPU per step")
     ap.add_argument("--only", default="")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default="")
     ap.add_argument("--budget-s", type=float, default=560.0)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
@@ -142,7 +142,11 @@ def main() -> None:
 
     import torch
 
-    out = Path(args.out)
+    if not torch.cuda.is_available() and not args.quick:
+        print(f"{Path(__file__).name}: needs a CUDA GPU (results in docs/performance.md); --quick runs a CPU smoke test")
+        return
+    # a smoke run must not overwrite the measured results
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "dsk-bench-quick" if args.quick else RESULTS))
     out.mkdir(parents=True, exist_ok=True)
     n = args.gpus or max(2, torch.cuda.device_count())
     meta = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
