@@ -69,6 +69,17 @@ def test_batch_that_does_not_split_over_ranks_is_an_error(cli, workspace):
     assert not (workspace / "artifacts" / "pretrain").exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--strategy", "zero3"], "use ddp|fsdp"),
+    (["--comm-hook", "int8"], "none|bf16|fp16|powersgd"),
+    (["--strategy", "fsdp", "--comm-hook", "bf16"], "is a DDP option"),
+])
+def test_bad_distributed_options_are_one_line_errors(cli, workspace, args, words):
+    make_tokens_artifact()
+    code, _, err = cli("pretrain", "--nproc", "2", *args)
+    assert code == 2 and words in err and "\n" not in err.strip()
+
+
 def run_worker(nproc: int, *args: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent / "src"), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1"}

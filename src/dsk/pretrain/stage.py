@@ -65,6 +65,8 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
     dist_opts = {"strategy": strategy, "comm_hook": comm_hook}
     if strategy not in ("ddp", "fsdp") or comm_hook not in ("none", "bf16", "fp16", "powersgd"):
         raise DskError(f"--strategy {strategy!r} / --comm-hook {comm_hook!r}: use ddp|fsdp and none|bf16|fp16|powersgd")
+    if strategy == "fsdp" and comm_hook != "none":
+        raise DskError("--comm-hook is a DDP option (FSDP has its own reduce-scatter); drop it or use --strategy ddp")
     if nproc > 1 and world_size() == 1:
         if params.batch_size % nproc:
             raise DskError(f"--batch-size {params.batch_size} (the global batch) does not split over {nproc} "
