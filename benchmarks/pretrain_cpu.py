@@ -45,22 +45,23 @@ import torch.nn.functional as F  # noqa: E402
 TEXT = REPO / "data" / "sample" / "tinyshakespeare.txt"
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGET_S = 180.0
-EVAL_RESERVE_S = 6.0  # kept free at the end of the budget for the full validation pass
 
-# The best configs found by the search (docs/pretrain.md lists every config tried).
-BEST_DENSE = {
-    "name": "dsk-dense", "tokenizer": "bpe", "vocab": 512, "context": 128, "batch": 16, "lr": 3e-3,
-    "warmup": 50, "min_lr_ratio": 0.0, "weight_decay": 0.1, "beta2": 0.95,
-    "arch": {"attn": "mha", "dim": 192, "n_layers": 4, "n_heads": 6, "inter_dim": 512, "n_dense_layers": 4,
-             "n_routed_experts": 0, "n_shared_experts": 0},
-}
+# The configs for the final run, combining the search's winners (docs/pretrain.md lists every
+# config tried): a small fast model (d128, 4 layers), BPE 512, context 64 x batch 32, no
+# weight decay, Muon on the hidden matrices at 10x the AdamW lr, cosine to 0 over the budget.
+_RECIPE = {"tokenizer": "bpe", "vocab": 512, "context": 64, "batch": 32, "lr": 4e-3, "warmup": 50,
+           "min_lr_ratio": 0.0, "weight_decay": 0.0, "beta2": 0.95, "optimizer": "muon", "muon_lr_scale": 10.0}
+_DENSE_ARCH = {"attn": "mha", "dim": 128, "n_layers": 4, "n_heads": 4, "inter_dim": 336, "n_dense_layers": 4,
+               "n_routed_experts": 0, "n_shared_experts": 0}
+BEST_DENSE = {"name": "dsk-dense (cpu preset, muon)", **_RECIPE, "arch": _DENSE_ARCH}
+BEST_DENSE_ADAMW = {"name": "dsk-dense (cpu preset, adamw)", **_RECIPE, "optimizer": "adamw", "arch": _DENSE_ARCH}
 BEST_MOE = {
-    "name": "dsk-moe", "tokenizer": "bpe", "vocab": 512, "context": 128, "batch": 16, "lr": 3e-3,
-    "warmup": 50, "min_lr_ratio": 0.0, "weight_decay": 0.1, "beta2": 0.95,
-    "arch": {"attn": "mha", "dim": 192, "n_layers": 4, "n_heads": 6, "inter_dim": 512, "n_dense_layers": 1,
-             "n_routed_experts": 8, "n_shared_experts": 1, "n_activated_experts": 2, "moe_inter_dim": 192,
+    "name": "dsk-moe (cpu-moe preset, muon)", **_RECIPE,
+    "arch": {"attn": "mha", "dim": 128, "n_layers": 4, "n_heads": 4, "inter_dim": 336, "n_dense_layers": 1,
+             "n_routed_experts": 8, "n_shared_experts": 1, "n_activated_experts": 1, "moe_inter_dim": 128,
              "bias_update_speed": 0.01},
 }
+FINAL = (BEST_DENSE, BEST_DENSE_ADAMW, BEST_MOE)
 
 
 def split_text() -> tuple[str, str]:
@@ -226,7 +227,8 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
     torch.manual_seed(seed)
     cfg = ModelConfig(**{"vocab_size": tok.vocab_size, "max_seq_len": context, **trial["arch"]})
     model = Transformer(cfg)
-    remaining = budget_s - (time.perf_counter() - started) - trial.get("eval_reserve", EVAL_RESERVE_S)
+    reserve = trial.get("eval_reserve") or estimate_eval_seconds(model, data)
+    remaining = budget_s - (time.perf_counter() - started) - reserve
     tcfg = TrainConfig(
         max_steps=trial.get("max_steps", 10**9), batch_size=trial["batch"], grad_accum=trial.get("grad_accum", 1),
         lr=trial["lr"], min_lr_ratio=trial.get("min_lr_ratio", 0.0), warmup_steps=trial.get("warmup", 50),
@@ -246,6 +248,18 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
         "params": model.num_params(), "active_params": model.num_params(active=True), "budget_s": round(budget_s, 1),
         "config": trial,
     }
+
+
+@torch.no_grad()
+def estimate_eval_seconds(model, data) -> float:
+    """Time one validation batch and scale to the whole validation pass (plus a margin)."""
+    batches = list(data.val_batches())
+    model.eval()
+    t = time.perf_counter()
+    model(batches[0][0])
+    per_batch = time.perf_counter() - t
+    model.train()
+    return 1.5 * per_batch * len(batches) + 2.0
 
 
 def tokens_per_second(threads: int = 2, steps: int = 40) -> list[dict]:
@@ -384,7 +398,7 @@ def main() -> int:
     iters = 200 if args.quick else 2000
     load_start = os.getloadavg()[0]
     quality = [run_isolated(["--anchor", "--iters", str(iters), "--threads", str(args.threads)])]
-    for trial in (BEST_DENSE, BEST_MOE):
+    for trial in FINAL:
         quality.append(run_isolated(["--trial", json.dumps(trial), "--budget", str(budget), "--threads", str(args.threads)]))
     speeds = tokens_per_second(threads=args.threads, steps=20 if args.quick else 60)
     payload = {

@@ -52,7 +52,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer: str = "adamw"  # adamw | lion | muon (Muon on matrices, AdamW on the rest)
-    muon_lr_scale: float = 5.0  # Muon's step size = lr * muon_lr_scale
+    muon_lr_scale: float = 10.0  # Muon's step size = lr * muon_lr_scale
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False

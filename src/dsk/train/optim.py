@@ -113,14 +113,14 @@ class Muon(torch.optim.Optimizer):
 
 def make_optimizer(
     model: nn.Module, *, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device: str,
-    muon_lr_scale: float = 5.0,
+    muon_lr_scale: float = 10.0,
 ) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
     if name == "muon":
-        head = getattr(model, "head", None)
-        head_id = id(head.weight) if head is not None else None
-        matrices = [p for p in groups[0]["params"] if id(p) != head_id]
-        others = [p for p in groups[0]["params"] if id(p) == head_id]
+        # Muon is for hidden weight matrices: the output head and the routers stay on AdamW
+        adam_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.") or n.endswith("gate.weight")}
+        matrices = [p for p in groups[0]["params"] if id(p) not in adam_ids]
+        others = [p for p in groups[0]["params"] if id(p) in adam_ids]
         return Muon([
             {"params": matrices, "weight_decay": weight_decay, "muon": True, "lr_scale": muon_lr_scale},
             {"params": others, "weight_decay": weight_decay},
