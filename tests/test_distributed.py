@@ -37,8 +37,11 @@ def assert_same_curve(one: list[dict], two: list[dict]) -> None:
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-6), (a, b)
         if a["split"] == "train":
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4, abs=1e-6)
-            # the routers see the global load on every rank: the same integer counts as one process
-            assert b["expert_load"] == a["expert_load"]
+            # the routers see the global load on every rank: the same counts as one process (a
+            # token at a near-tie of two experts may flip with float rounding, so allow 2 tokens)
+            for layer, load in a["expert_load"].items():
+                assert sum(b["expert_load"][layer]) == sum(load)
+                assert max(abs(x - y) for x, y in zip(b["expert_load"][layer], load)) <= 2
 
 
 def test_two_gloo_ranks_match_one_process(cli, workspace):
