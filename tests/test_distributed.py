@@ -111,3 +111,24 @@ def test_fsdp_checkpoint_resumes_on_one_process(workspace, tmp_path):
     two_w, resumed_w = weights(tmp_path / "two.safetensors"), weights(tmp_path / "resumed.safetensors")
     for name, w in two_w.items():
         torch.testing.assert_close(resumed_w[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow  # two more torch processes
+def test_fsdp_through_the_cli_writes_the_same_model(cli, workspace):
+    """`--nproc 2 --strategy fsdp`: rank 0 gathers the sharded weights into the usual artifact."""
+    from dsk.models import load_model
+
+    make_tokens_artifact()
+    code, out, err = cli("pretrain", *TINY, "--json")
+    assert code == 0, err
+    one = json.loads(out)
+    one_weights = weights(Path(one["path"]) / "model.safetensors")
+    code, out, err = cli("pretrain", *TINY, "--nproc", "2", "--strategy", "fsdp", "--force", "--json")
+    assert code == 0, err
+    two = json.loads(out)
+    assert two["metrics"]["strategy"] == "fsdp"
+    assert two["metrics"]["val_loss"] == pytest.approx(one["metrics"]["val_loss"], rel=1e-5)
+    load_model(two["path"])
+    two_weights = weights(Path(two["path"]) / "model.safetensors")
+    for name, w in one_weights.items():
+        torch.testing.assert_close(two_weights[name], w, rtol=1e-4, atol=1e-5, msg=name)

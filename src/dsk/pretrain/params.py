@@ -18,7 +18,7 @@ class Params(StageParams):
         description="Model config overrides on top of the preset, e.g. '{n_layers: 4, attn: mha, n_routed_experts: 0}'.",
     )
     context: int = Field(256, ge=8, le=65536, description="Training context length in tokens (also the model's max_seq_len).")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch (the global batch: --nproc processes split it).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")

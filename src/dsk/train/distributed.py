@@ -244,7 +244,7 @@ def full_model(model: nn.Module, info: DistInfo) -> nn.Module | None:
     if not info.is_main:
         return None
     plain = Transformer(model.cfg)
-    plain.load_state_dict(sd, strict=False)
+    plain.load_state_dict(sd)
     return plain
 
 
