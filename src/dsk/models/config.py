@@ -187,3 +187,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         score_func="sigmoid", route_scale=2.5, norm_eps=1e-6,
     ),
 }
+
+# GPU presets (benchmarks/pretrain_gpu.py, docs/performance.md): GPT-2 124M's shape (12 layers,
+# 768 dims, 12 heads, context 1024) as a Llama-style dense model, and an MoE with the same
+# active width per token (1 shared + top-3 of 32 routed experts of 512 = one 2048-wide SwiGLU)
+PRESETS["gpt2"] = dict(
+    dim=768, n_layers=12, n_heads=12, max_seq_len=1024, attn="mha", inter_dim=2048,
+    n_dense_layers=12, n_routed_experts=0, n_shared_experts=0,
+)
+PRESETS["gpt2-moe"] = dict(
+    dim=768, n_layers=12, n_heads=12, max_seq_len=1024, attn="mha", inter_dim=2048,
+    n_dense_layers=1, n_routed_experts=32, n_shared_experts=1, n_activated_experts=3, moe_inter_dim=512,
+    bias_update_speed=0.01,  # 10x DeepSeek-V3's: short runs need the routers balanced within tens of steps
+)

@@ -257,6 +257,46 @@ class Experts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
 
+    def grouped(self, x: torch.Tensor, ends: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """All experts at once on expert-sorted rows ``x``; ``ends`` [E] int32 = cumulative counts.
+
+        Three grouped matmuls (``torch._grouped_mm``) instead of 3 x E small ones: no host
+        sync for the per-expert counts and one launch per weight, so it compiles into the graph.
+        """
+        x = x.to(dtype)
+        w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(torch._grouped_mm(x, w1, offs=ends)) * torch._grouped_mm(x, w3, offs=ends)
+        return torch._grouped_mm(h, w2, offs=ends)
+
+
+class _PermuteRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, perm, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def permute_rows(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``x[perm]`` for a permutation ``perm``; the backward is the gather ``grad[inverse]``."""
+    return _PermuteRows.apply(x, perm, inverse)
+
+
+def use_grouped_mm(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype to run grouped expert matmuls in, or None for the per-expert loop.
+
+    The grouped kernel needs CUDA and bf16 (autocast); CPU and fp32 keep the exact loop.
+    """
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return None
+    if torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16:
+        return torch.bfloat16
+    return torch.bfloat16 if x.dtype == torch.bfloat16 else None
+
 
 class MoE(nn.Module):
     """DeepSeekMoE: always-on shared experts + top-k of fine-grained routed experts.
@@ -282,21 +322,33 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         weights, ids, scores = self.gate(flat)
-        counts = torch.bincount(ids.flatten(), minlength=self.gate.n_experts)
+        k, E = self.gate.topk, self.gate.n_experts
+        # (token, slot) pairs sorted by expert; ``inverse`` undoes the sort. Moving rows with
+        # these two permutations (gathers both ways, see permute_rows) replaces indexing
+        # whose backward is an atomic scatter, 3x slower on an H100 (docs/performance.md)
+        flat_ids = ids.flatten()
+        order = flat_ids.argsort(stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        # each expert's end in the sorted list: fixed-size, no atomics (bincount's size depends on the data)
+        ends = torch.searchsorted(flat_ids[order], torch.arange(E, device=x.device), right=True)
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
 
-        y = torch.zeros_like(flat)
-        order = ids.flatten().argsort(stable=True)
-        token_of = order // self.gate.topk
-        routed_in = flat[token_of]
-        routed_w = weights.flatten()[order].unsqueeze(-1)
-        outs = []
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                outs.append(self.experts.expert(e, routed_in[start : start + n]))
-            start += n
-        routed_out = torch.cat(outs) if outs else routed_in.new_zeros(0, D)
-        y.index_add_(0, token_of, (routed_out.float() * routed_w).to(y.dtype))
+        grouped_dtype = use_grouped_mm(flat)
+        src = flat.to(grouped_dtype) if grouped_dtype is not None else flat
+        routed_in = permute_rows(src.repeat_interleave(k, dim=0), order, inverse)
+        if grouped_dtype is not None:
+            routed_out = self.experts.grouped(routed_in, ends.to(torch.int32), grouped_dtype)
+        else:
+            outs = []
+            start = 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    outs.append(self.experts.expert(e, routed_in[start : start + n]))
+                start += n
+            routed_out = torch.cat(outs) if outs else routed_in.new_zeros(0, D)
+        back = permute_rows(routed_out, inverse, order).view(-1, k, D)  # token-major again
+        y = (back.float() * weights.unsqueeze(-1)).sum(dim=1).to(flat.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat).to(y.dtype)
 
@@ -431,14 +483,17 @@ class Transformer(nn.Module):
         start_pos: torch.Tensor | int | None = None,
     ) -> ModelOutput:
         B, T = idx.shape
+        plain = start_pos is None and cache is None  # training/scoring from position 0
         if start_pos is None:
             start_pos = torch.zeros(B, dtype=torch.long, device=idx.device)
         elif isinstance(start_pos, int):
             start_pos = torch.full((B,), start_pos, dtype=torch.long, device=idx.device)
         positions = start_pos.to(idx.device).view(B, 1) + torch.arange(T, device=idx.device)
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
-        if T and int(positions.max()) >= limit:
-            raise DskError(f"sequence position {int(positions.max())} is beyond the limit of {limit} tokens")
+        # from position 0 the check needs no device read (a host sync, and a graph break under compile)
+        last = T - 1 if plain else (int(positions.max()) if T else -1)
+        if last >= limit:
+            raise DskError(f"sequence position {last} is beyond the limit of {limit} tokens")
         h, counts, balance = self.trunk(self.embed(idx), positions, cache)
         if self.training:
             for i, c in counts.items():
@@ -466,7 +521,8 @@ class Transformer(nn.Module):
         loads = {}
         for i, moe in self.moe_layers().items():
             load = moe.load.clone()
-            if load.sum() > 0 and self.cfg.bias_update_speed > 0:
+            # no `load.sum() > 0` test (a host sync): with no tokens, sign(mean - load) is 0 anyway
+            if self.cfg.bias_update_speed > 0:
                 moe.gate.update_bias(load, self.cfg.bias_update_speed)
             moe.load.zero_()
             loads[i] = load

@@ -9,17 +9,17 @@ from pydantic import Field
 from dsk.config import StageParams
 from dsk.tabular.params import TableParams
 
-Preset = Literal["tiny", "tiny-dense", "tiny-v3", "cpu", "cpu-moe", "small", "small-v3", "base"]
+Preset = Literal["tiny", "tiny-dense", "tiny-v3", "cpu", "cpu-moe", "small", "small-v3", "base", "gpt2", "gpt2-moe"]
 
 
 class Params(StageParams):
-    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu / cpu-moe (the 180-s CPU benchmark's shapes), small, base; tiny-v3 / small-v3 match DeepSeek-V3 exactly (export to DeepseekV3ForCausalLM).")
+    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu / cpu-moe (the 180-s CPU benchmark's shapes), small, base, gpt2 (GPT-2 124M's shape, dense), gpt2-moe (same active width, 32 experts); tiny-v3 / small-v3 match DeepSeek-V3 exactly (export to DeepseekV3ForCausalLM).")
     arch: dict[str, Any] = Field(
         default_factory=dict,
         description="Model config overrides on top of the preset, e.g. '{n_layers: 4, attn: mha, n_routed_experts: 0}'.",
     )
     context: int = Field(256, ge=8, le=65536, description="Training context length in tokens (also the model's max_seq_len).")
-    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch.")
+    batch_size: int = Field(16, ge=1, description="Sequences per micro-batch (the global batch: --nproc processes split it).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")

@@ -7,12 +7,21 @@ is written.
 
     $ dsk pretrain --preset tiny --max-steps 200 --checkpoint-every 50
     $ dsk pretrain --preset tiny --max-steps 200 --checkpoint-every 50 --resume
+
+With ``--nproc N`` (or under ``torchrun``) every rank runs ``_build``'s training on its slice
+of each batch; rank 0 alone goes through ``run_stage`` (cache, artifact, manifest) and tells
+the other ranks, by a broadcast, when a build starts and when it is over.
+
+    $ dsk pretrain --preset gpt2 --context 1024 --batch-size 64 --precision bf16 --compile --nproc 2
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 from dsk import console
 from dsk.artifacts import Artifact, Store
@@ -49,8 +58,26 @@ def run_dir_for(store: Store, artifact_id: str) -> Path:
 
 
 def run(*, source=None, params: Params, seed: int = 0, force: bool = False, store: Store | None = None,
-        resume: bool = False):
+        resume: bool = False, nproc: int = 1, strategy: str = "ddp", comm_hook: str = "none"):
+    from dsk.pretrain.launch import launch, world_size
+
     store = store or Store.open()
+    dist_opts = {"strategy": strategy, "comm_hook": comm_hook}
+    if strategy not in ("ddp", "fsdp") or comm_hook not in ("none", "bf16", "fp16", "powersgd"):
+        raise DskError(f"--strategy {strategy!r} / --comm-hook {comm_hook!r}: use ddp|fsdp and none|bf16|fp16|powersgd")
+    if strategy == "fsdp" and comm_hook != "none":
+        raise DskError("--comm-hook is a DDP option (FSDP has its own reduce-scatter); drop it or use --strategy ddp")
+    if nproc > 1 and world_size() == 1:
+        if params.batch_size % nproc:
+            raise DskError(f"--batch-size {params.batch_size} (the global batch) does not split over {nproc} "
+                           f"processes; use a multiple of {nproc}")
+        resolve_inputs(store, "pretrain", source)  # a missing input fails here, before any process starts
+        launch(nproc=nproc, spec={"source": source, "params": params.model_dump(mode="json"), "seed": seed,
+                                  "force": force, "resume": resume, "quiet": console.is_quiet(), **dist_opts},
+               store_root=store.root)
+        # rank 0 committed the artifact: look it up (a cache hit) and report it as built now
+        result = run(source=source, params=params, seed=seed, store=store)
+        return dataclasses.replace(result, cached=False)
     inputs = resolve_inputs(store, "pretrain", source)
     src = inputs[0]
     if isinstance(src, Artifact) and src.kind in ("table", "features"):  # issue 12: the table classifier
@@ -61,18 +88,63 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
         what = f"a {src.kind!r} artifact" if isinstance(src, Artifact) else "a raw path"
         raise DskError(f"pretrain reads a tokens artifact from `dsk featurize` on text, got {what}; run `dsk featurize` first")
 
+    if world_size() > 1:
+        return _run_ranked(store, params, src, inputs, seed=seed, force=force, resume=resume, dist_opts=dist_opts)
+
     def build(ctx: StageContext) -> None:
-        _build(ctx, params, src, resume=resume)
+        _build(ctx, params, src, resume=resume, dist_opts=dist_opts)
 
     return run_stage(stage="pretrain", params=params, inputs=inputs, build=build, seed=seed, force=force,
                      store=store, kind="model", stage_version=STAGE_VERSION)
 
 
-def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool) -> None:
+def _run_ranked(store: Store, params: Params, src: Artifact, inputs, *, seed, force, resume, dist_opts):
+    """One rank under torchrun: rank 0 runs the stage; the others follow its broadcasts."""
+    import torch.distributed as dist
+
+    from dsk.train import distributed, pick_device
+
+    info = distributed.init(pick_device(params.device))
+
+    def broadcast(message: dict | None) -> dict:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    if info.is_main:
+        state = {"building": False}
+
+        def build(ctx: StageContext) -> None:
+            state["building"] = True
+            broadcast({"build": ctx.artifact_id, "seed": ctx.seed})
+            _build(ctx, params, src, resume=resume, dist_opts=dist_opts)
+            state["building"] = False
+
+        try:
+            return run_stage(stage="pretrain", params=params, inputs=inputs, build=build, seed=seed, force=force,
+                             store=store, kind="model", stage_version=STAGE_VERSION)
+        finally:
+            # a failure mid-training leaves the others in a collective: exit and let torchrun stop them
+            if not state["building"]:
+                broadcast({"done": True})
+    console.set_mode(quiet=True)
+    message = broadcast(None)
+    if "build" in message:
+        quiet_log = logging.getLogger(f"dsk.pretrain.rank{info.rank}")
+        quiet_log.propagate = False
+        quiet_log.addHandler(logging.NullHandler())
+        ctx = SimpleNamespace(store=store, artifact_id=message["build"], seed=message["seed"], log=quiet_log,
+                              out=None, metrics={}, kind=None, key_metric=None)
+        _build(ctx, params, src, resume=resume, dist_opts=dist_opts)
+        broadcast(None)
+    return None
+
+
+def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool, dist_opts: dict | None = None) -> None:
     import torch
 
     from dsk.models import Transformer, save_model
-    from dsk.train import TokenData, latest_checkpoint, train
+    from dsk.train import TokenData, distributed, latest_checkpoint, train
     from dsk.train.plots import plot_curves
 
     # ---- inputs and config, all checked before any training
@@ -82,14 +154,19 @@ def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool) ->
     data = TokenData.open(src.path, context=params.context, batch_size=params.batch_size, seed=ctx.seed,
                           eval_tokens=params.eval_tokens)
     cfg = model_config(params, data.vocab_size)
-    tcfg = train_config(params)
+    tcfg = dataclasses.replace(train_config(params), **(dist_opts or {}))
+    info = distributed.env_info()
+    if info.enabled:  # each rank reads its own rows of every global batch
+        data = data.shard(info.rank, info.world)
 
     run_dir = run_dir_for(ctx.store, ctx.artifact_id)
     resume_from = latest_checkpoint(run_dir / "checkpoints") if resume else None
     if resume and resume_from is None:
         console.warn(f"nothing to resume for these settings (no checkpoint in {run_dir}); starting from scratch")
-    if resume_from is None and run_dir.exists():
+    if resume_from is None and run_dir.exists() and info.is_main:
         shutil.rmtree(run_dir)
+    if info.enabled:
+        torch.distributed.barrier()
 
     torch.manual_seed(ctx.seed)
     model = Transformer(cfg)
@@ -103,7 +180,11 @@ def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool) ->
         run_fingerprint={"input": src.id, "seed": ctx.seed, "params": params.model_dump(mode="json")},
     )
 
-    # ---- the artifact
+    # ---- the artifact (rank 0; FSDP first gathers the full weights, a collective)
+    if info.enabled and tcfg.strategy == "fsdp":
+        model = distributed.full_model(model, info)
+    if not info.is_main:
+        return
     save_model(model.cpu(), ctx.out)
     shutil.copyfile(tokenizer_path, ctx.out / "tokenizer.json")
     for name in ("metrics.jsonl", "timing.jsonl", "profile_trace.json", "profile_ops.txt"):
@@ -119,6 +200,7 @@ def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool) ->
         "device": result.device, "resumed_from_step": result.resumed_from_step,
         "n_params": model.num_params(), "n_active_params": model.num_params(active=True),
         "vocab_size": cfg.vocab_size, "context": params.context,
+        **({"nproc": info.world, "strategy": tcfg.strategy, "comm_hook": tcfg.comm_hook} if info.enabled else {}),
     })
     ctx.key_metric = "val_bpb"
     ctx.log.info(

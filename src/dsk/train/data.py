@@ -11,6 +11,7 @@ fixed, non-overlapping windows over the held-out shard.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ class TokenData:
     seed: int
     val_bytes: int
     eval_tokens: int = 65536
+    rank: int = 0  # several processes: this rank reads rows rank*b/world .. (rank+1)*b/world of each batch
+    world: int = 1
+
+    def shard(self, rank: int, world: int) -> "TokenData":
+        """This rank's disjoint slice of every global batch (``batch_size`` stays the global size)."""
+        if self.batch_size % world:
+            raise DskError(f"batch size {self.batch_size} does not split over {world} ranks; use a multiple of {world}")
+        return dataclasses.replace(self, rank=rank, world=world)
 
     @classmethod
     def open(cls, path: str | Path, *, context: int, batch_size: int, seed: int, eval_tokens: int = 65536) -> "TokenData":
@@ -100,10 +109,14 @@ class TokenData:
         return t[:, :-1], t[:, 1:]
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training batch of (step, micro step): random windows, reproducible from the seed."""
+        """The training batch of (step, micro step): random windows, reproducible from the seed.
+
+        The global batch does not depend on the number of ranks; each rank takes its slice.
+        """
         rng = np.random.default_rng([self.seed, step, micro])
         starts = rng.integers(0, self.train.shape[0] - self.context, size=self.batch_size)
-        return self._windows(self.train, starts)
+        rows = self.batch_size // self.world
+        return self._windows(self.train, starts[self.rank * rows : (self.rank + 1) * rows])
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping validation windows, evenly spread, at most ``eval_tokens`` targets."""

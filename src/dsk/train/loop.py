@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,9 @@ import torch.nn.functional as F
 
 
 from dsk import console, tracking
+from dsk.errors import DskError
 from dsk.models import Transformer
+from dsk.train import distributed
 from dsk.train.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
 from dsk.train.optim import lr_at, make_optimizer
 
@@ -62,6 +65,10 @@ class TrainConfig:
     max_minutes: float = 0.0  # wall-clock budget for the loop; 0 = none
     profile_steps: int = 0  # profile this many steps (after one warm-up step) with torch.profiler
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    # several processes (under torchrun; see dsk.train.distributed): ddp | fsdp, and DDP's
+    # gradient compression none | bf16 | fp16 | powersgd
+    strategy: str = "ddp"
+    comm_hook: str = "none"
 
 
 @dataclass
@@ -93,7 +100,7 @@ def autocast_context(device: str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device, dtype=dtype)
+    return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
 @torch.no_grad()
@@ -145,17 +152,25 @@ def train(
     # ---- 1. setup: device, precision, optimizer, loss scaler ---------------------------
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    kind = pick_device(cfg.device)  # cuda | mps | cpu
+    # under torchrun: join the group; each rank drives its own GPU (cuda:<local rank>)
+    dinfo = distributed.init(kind)
+    main = dinfo.is_main  # only rank 0 writes metrics, logs and full checkpoints
+    if not main:
+        console.set_mode(quiet=True)
+    device = distributed.rank_device(dinfo, kind)
     model.to(device).train()
     model.grad_checkpointing = cfg.activation_checkpointing
-    forward = torch.compile(model) if cfg.compile else model
+    sharded = dinfo.enabled and cfg.strategy == "fsdp"
+    wrapped = distributed.wrap(model, dinfo, strategy=cfg.strategy, comm_hook=cfg.comm_hook) if dinfo.enabled else model
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
     optimizer = make_optimizer(
         model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        betas=(cfg.beta1, cfg.beta2), device=device, muon_lr_scale=cfg.muon_lr_scale,
+        betas=(cfg.beta1, cfg.beta2), device=kind, muon_lr_scale=cfg.muon_lr_scale,
     )
     # fp16 needs loss scaling; the scaler is a pass-through for fp32/bf16
     scaler = torch.amp.GradScaler(
-        device if device in ("cuda", "cpu") else "cpu", init_scale=2.0**15, growth_interval=2000,
+        kind if kind in ("cuda", "cpu") else "cpu", init_scale=2.0**15, growth_interval=2000,
         enabled=cfg.precision == "fp16",
     )
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -166,39 +181,50 @@ def train(
     # ---- 2. resume: weights, optimizer, scaler, RNG and data position --------------------
     step, elapsed_before, start_step = 0, 0.0, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, expect_fingerprint=fp)
-        model.to(device)
-        optimizer.load_state_dict(state["optimizer"])
+        if distributed.is_sharded_checkpoint(resume_from):
+            # torch.distributed.checkpoint reshards onto however many ranks (or one process) we have now
+            state = distributed.load_sharded(resume_from, model=model, optimizer=optimizer, expect_fingerprint=fp)
+        elif sharded:
+            raise DskError(f"checkpoint {str(resume_from)!r} was written without FSDP; resume it with --strategy ddp")
+        else:
+            state = load_checkpoint(resume_from, model, expect_fingerprint=fp)
+            model.to(device)
+            optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_torch"])
-        if device == "cuda" and state.get("rng_cuda") is not None:
+        if kind == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
         step = start_step = int(state["step"])
         elapsed_before = float(state["elapsed_s"])
-        _truncate_metrics(metrics_path, step)
-        _truncate_metrics(timing_path, step)
+        if main:
+            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(timing_path, step)
         log.info(f"resumed from {resume_from.name} (step {step})")
-    else:
+    elif main:
         metrics_path.unlink(missing_ok=True)
         timing_path.unlink(missing_ok=True)
 
     def checkpoint() -> None:
         trainer_state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+            "rng_cuda": torch.cuda.get_rng_state() if kind == "cuda" else None,
             "elapsed_s": elapsed(),
         }
-        save_checkpoint(ckpt_dir, step=step, model=model, trainer_state=trainer_state,
-                        meta={"fingerprint": fp}, keep=cfg.keep_checkpoints)
+        if sharded:  # every rank writes its shards
+            distributed.save_sharded(ckpt_dir, step=step, model=model, optimizer=optimizer, trainer_state=trainer_state,
+                                     meta={"fingerprint": fp}, keep=cfg.keep_checkpoints, info=dinfo)
+        elif main:  # DDP replicas are identical: rank 0's full checkpoint resumes on any number of ranks
+            trainer_state["optimizer"] = optimizer.state_dict()
+            save_checkpoint(ckpt_dir, step=step, model=model, trainer_state=trainer_state,
+                            meta={"fingerprint": fp}, keep=cfg.keep_checkpoints)
 
     # metrics.jsonl holds only what is reproducible on CPU (losses, lr, norms, expert load);
     # wall-clock numbers (tokens/s, elapsed) go to timing.jsonl
-    metrics_file = open(metrics_path, "a", encoding="utf-8")
-    timing_file = open(timing_path, "a", encoding="utf-8")
+    metrics_file = open(metrics_path if main else os.devnull, "a", encoding="utf-8")
+    timing_file = open(timing_path if main else os.devnull, "a", encoding="utf-8")
 
     def write(record: dict[str, Any]) -> None:
         record = dict(record)
@@ -216,7 +242,10 @@ def train(
 
     budget_s = cfg.max_minutes * 60.0
     last_ckpt_time = time.perf_counter()
-    interval_loss, interval_steps, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+    # no host-device sync per step: losses, norms and expert loads stay on the device and are
+    # read once per log interval; the interval's time runs from its first step to that read
+    interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
+    interval_start = time.perf_counter()
     interval_load: dict[int, torch.Tensor] = {}
     interval_stats: dict[str, float] = {}  # from loss_fn
     evals: list[dict[str, Any]] = []
@@ -231,8 +260,7 @@ def train(
             advance(start_step)
             while step < cfg.max_steps:
                 if cfg.profile_steps and step == profile_start and profiler is None:
-                    profiler = _start_profiler(device)
-                t0 = time.perf_counter()
+                    profiler = _start_profiler(kind)
 
                 # 3a. learning rate for this step
                 if cfg.schedule_clock == "time" and budget_s > 0:
@@ -244,29 +272,27 @@ def train(
                     group["lr"] = lr
 
                 # 3b. forward/backward over the micro-batches
-                step_loss = 0.0
+                step_loss = torch.zeros((), device=device)
                 for micro in range(cfg.grad_accum):
                     x, y = data.batch(step, micro)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with autocast_context(device, cfg.precision):
-                        if loss_fn is None:
-                            out = forward(x, targets=y)
-                            full_loss, logged = out.loss, out.aux.get("ce_loss", out.loss)
-                        else:
-                            full_loss, stats = loss_fn(forward, x, y)
-                            logged = full_loss
-                            for k, v in stats.items():
-                                interval_stats[k] = interval_stats.get(k, 0.0) + v / cfg.grad_accum
-                    loss = full_loss / cfg.grad_accum
-                    scaler.scale(loss).backward()
-                    step_loss += float(logged.detach()) / cfg.grad_accum
+                    # several ranks: all-reduce gradients only after the step's last micro-batch
+                    with distributed.grad_sync(wrapped, micro == cfg.grad_accum - 1):
+                        with autocast_context(device, cfg.precision):
+                            if loss_fn is None:
+                                out = forward(x, targets=y)
+                                full_loss, logged = out.loss, out.aux.get("ce_loss", out.loss)
+                            else:  # e.g. DPO in `dsk finetune`
+                                full_loss, stats = loss_fn(forward, x, y)
+                                logged = full_loss
+                                for k, v in stats.items():
+                                    interval_stats[k] = interval_stats.get(k, 0.0) + v / cfg.grad_accum
+                        scaler.scale(full_loss / cfg.grad_accum).backward()
+                    step_loss += logged.detach().float() / cfg.grad_accum
 
                 # 3c. unscale, clip, optimizer step (skipped by the scaler on fp16 overflow)
                 scaler.unscale_(optimizer)
-                if cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, float("inf")))
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
                 scaler.step(optimizer)
                 scaler.update()
@@ -278,28 +304,33 @@ def train(
                     for moe in model.moe_layers().values():
                         moe.load.zero_()
                 else:
+                    if dinfo.enabled:  # every rank nudges its router biases by the global load
+                        distributed.sum_expert_load(model.moe_layers())
                     for i, load in model.update_router_bias().items():
-                        interval_load[i] = interval_load.get(i, 0) + load.cpu()
+                        interval_load[i] = interval_load.get(i, 0) + load
                 step += 1
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                interval_time += time.perf_counter() - t0
-                interval_loss += step_loss
+                interval_loss = interval_loss + step_loss
                 interval_steps += 1
                 interval_tokens += tokens_per_step
 
                 if profiler is not None:
                     profiler.step()
                     if step >= profile_start + cfg.profile_steps:
-                        _finish_profiler(profiler, run_dir, device)
+                        _finish_profiler(profiler, run_dir, kind)
                         profiler = None
 
                 # 3e. log training metrics
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    tok_s = interval_tokens / max(interval_time, 1e-9)
+                    if dinfo.enabled:
+                        interval_loss = distributed.mean(interval_loss)
+                    mean_loss = float(interval_loss) / interval_steps  # the interval's one sync
+                    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+                        grad_norm = grad_norm.full_tensor()
+                    tok_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
+                    interval_load = {i: v.cpu() for i, v in interval_load.items()}
                     record = {
-                        "step": step, "split": "train", "loss": round(interval_loss / interval_steps, 5),
-                        "lr": lr, "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tok_s, 1),
+                        "step": step, "split": "train", "loss": round(mean_loss, 5),
+                        "lr": lr, "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(tok_s, 1),
                         "tokens": step * tokens_per_step, "elapsed_s": round(elapsed(), 2),
                     }
                     if scaler.is_enabled():
@@ -312,30 +343,41 @@ def train(
                     status = f"loss {record['loss']:.3f} · {tok_s / 1000:.1f}k tok/s"
                     write(record)
                     advance(interval_steps, status=status)
-                    interval_loss, interval_steps, interval_tokens, interval_time = 0.0, 0, 0, 0.0
+                    interval_loss, interval_steps, interval_tokens = 0.0, 0, 0
                     interval_load = {}
                     interval_stats = {}
+                    interval_start = time.perf_counter()
 
                 # 3f. evaluate
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    paused = time.perf_counter()
                     val_loss = evaluate(forward, data, device, cfg.precision)
                     evals.append(_eval_record(write, step, val_loss, data, elapsed()))
                     log.info(f"step {step}: val loss {val_loss:.4f}, {evals[-1]['bpb']:.4f} bits/byte")
+                    interval_start += time.perf_counter() - paused  # evaluation is not training time
 
                 # 3g. checkpoint by steps or minutes
                 due_steps = cfg.checkpoint_every and step % cfg.checkpoint_every == 0
                 due_time = cfg.checkpoint_every_minutes and (
                     time.perf_counter() - last_ckpt_time >= cfg.checkpoint_every_minutes * 60
                 )
+                over_budget = bool(budget_s and elapsed() >= budget_s and step < cfg.max_steps)
+                if dinfo.enabled:  # wall clocks differ between ranks: rank 0 decides, at log steps
+                    due_time, over_budget = (
+                        distributed.agree(bool(due_time), over_budget, device=device)
+                        if step % cfg.log_every == 0 else (False, False)
+                    )
                 if (due_steps or due_time) and step < cfg.max_steps:
+                    paused = time.perf_counter()
                     checkpoint()
                     last_ckpt_time = time.perf_counter()
+                    interval_start += last_ckpt_time - paused
 
                 if on_step is not None:
                     on_step(step)
 
                 # 3h. wall-clock budget
-                if budget_s and elapsed() >= budget_s and step < cfg.max_steps:
+                if over_budget:
                     stopped_by = "max_minutes"
                     log.info(f"time budget of {cfg.max_minutes:g} min reached at step {step}")
                     break
@@ -345,7 +387,7 @@ def train(
         raise
     finally:
         if profiler is not None:
-            _finish_profiler(profiler, run_dir, device)
+            _finish_profiler(profiler, run_dir, kind)
 
     # ---- 4. final evaluation -------------------------------------------------------------
     try:
@@ -362,7 +404,7 @@ def train(
     return TrainResult(
         steps=step, tokens=step * tokens_per_step, seconds=round(train_seconds, 3),
         tokens_per_s=round(done_tokens / max(loop_seconds, 1e-9), 1), val_loss=evals[-1]["loss"],
-        val_bpb=evals[-1]["bpb"], stopped_by=stopped_by, device=device, resumed_from_step=start_step,
+        val_bpb=evals[-1]["bpb"], stopped_by=stopped_by, device=kind, resumed_from_step=start_step,
         evals=evals,
     )
 

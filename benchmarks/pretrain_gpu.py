@@ -1,0 +1,465 @@
+"""Training speed on one GPU: dsk's dense and MoE GPT-2-sized presets against a nanoGPT anchor.
+
+Measured side by side in one call, each variant in its own process (clean peak memory, one
+failure cannot take the others down):
+
+* the device's bf16 matrix rate (8192^3 products on random data: the MFU denominator);
+* the anchor, nanoGPT's GPT-2 124M re-implemented minimally here (LayerNorm with biases, GELU
+  MLP, learned positions, tied head, vocab 50304, SDPA causal attention, fused AdamW, bf16
+  autocast, torch.compile, random tokens, batch 32 x 1024);
+* dsk's ``gpt2`` (dense) and ``gpt2-moe`` presets trained with the trainer's step (bf16
+  autocast, torch.compile, fused AdamW, clipping, router-bias balancing) and its variants
+  (attention backend, batch, grouped vs looped experts);
+* per variant: tokens/s, MFU = (6 x active matmul params + attention) FLOPs per token x tokens/s
+  over the measured matrix rate, peak memory, the forward / backward / optimizer split (CUDA
+  events around each phase, plus a torch.profiler table of 3 steps), and for MoE the expert
+  load max/mean over the timed steps.
+
+    $ python benchmarks/pretrain_gpu.py                       # every variant (~9 min on an H100)
+    $ python benchmarks/pretrain_gpu.py --only nanogpt-b32,dense-b32
+    $ python benchmarks/pretrain_gpu.py --quick               # tiny shapes, CPU smoke test
+
+Results: benchmarks/results/pretrain_gpu.{json,md} (or --out DIR); docs/performance.md
+records every variant tried, with its prediction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VOCAB = 50304  # GPT-2's 50257 rounded up to a multiple of 128, as nanoGPT does
+CONTEXT = 1024
+
+# name -> settings; the driver runs them in this order (most important first)
+VARIANTS: dict[str, dict] = {
+    "nanogpt-b32": dict(model="nanogpt", batch=32),
+    "dense-b32": dict(model="dsk", preset="gpt2", batch=32),
+    "moe-b32": dict(model="dsk", preset="gpt2-moe", batch=32),
+    "dense-b32-cudnn": dict(model="dsk", preset="gpt2", batch=32, sdpa="cudnn"),
+    "moe-b32-cudnn": dict(model="dsk", preset="gpt2-moe", batch=32, sdpa="cudnn"),
+    "dense-b64-cudnn": dict(model="dsk", preset="gpt2", batch=64, sdpa="cudnn"),
+    "moe-b64-cudnn": dict(model="dsk", preset="gpt2-moe", batch=64, sdpa="cudnn"),
+    "trainer-dense-b32": dict(model="trainer", preset="gpt2", batch=32),
+    "moe-b32-loop-eager": dict(model="dsk", preset="gpt2-moe", batch=32, moe="loop", compile=False, steps=8),
+    "nanogpt-b32-cudnn": dict(model="nanogpt", batch=32, sdpa="cudnn"),
+}
+
+
+# =========================================================================== the anchor
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.ln_1 = nn.LayerNorm(d)
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.attn_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.c_fc = nn.Linear(d, 4 * d)
+        self.mlp_proj = nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    """GPT-2 124M as nanoGPT builds it (dropout 0, biases on, tied head, init 0.02)."""
+
+    def __init__(self, n_layer=12, n_head=12, d=768, vocab=VOCAB, context=CONTEXT):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(context, d)
+        self.h = nn.ModuleList(NanoBlock(d, n_head) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.wte.weight = self.lm_head.weight
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.ndim >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("proj.weight") else 0.02
+                nn.init.normal_(p, 0.0, std)
+        self.n_layer, self.n_head, self.d = n_layer, n_head, d
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+
+    def matmul_params(self) -> int:
+        return sum(p.numel() for p in self.parameters()) - self.wpe.weight.numel()
+
+    def optimizer(self, lr: float, fused: bool) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), fused=fused)
+
+
+# =========================================================================== measurement
+
+
+def matmul_tflops(device: str, n: int = 8192, reps: int = 20) -> float:
+    """bf16 n^3 matrix product rate on random data, median of ``reps`` event-timed products."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * n**3 / times[len(times) // 2] / 1e12
+
+
+def sdpa_context(name: str | None):
+    if not name:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return sdpa_kernel([backend])
+
+
+class RandomTokens:
+    """A few pinned host batches of random token ids, cycled; copied with non_blocking=True."""
+
+    def __init__(self, batch: int, context: int, vocab: int, device: str, pool: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        blocks = [torch.randint(0, vocab, (batch, context + 1), generator=g) for _ in range(pool)]
+        self.pool = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in blocks]
+        if device == "cuda":
+            self.pool = [(x.pin_memory(), y.pin_memory()) for x, y in self.pool]
+        self.device, self.batch_size, self.context = device, batch, context
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.pool[step % len(self.pool)]
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # the trainer's data interface (dsk.train.data.TokenData)
+    def batch(self, step: int, micro: int = 0):
+        return self.get(step)
+
+    def val_batches(self):
+        yield self.get(0)
+
+    def bits_per_byte(self, loss: float) -> float:
+        return loss / math.log(2)
+
+
+def dsk_model(preset: str, context: int, vocab: int, quick: bool):
+    from dsk.models import ModelConfig, Transformer
+
+    over = dict(vocab_size=vocab, max_seq_len=context)
+    if quick:
+        over.update(dim=64, n_layers=2, n_heads=4, inter_dim=128, moe_inter_dim=64,
+                    n_dense_layers=1 if preset.endswith("moe") else 2)
+    cfg = ModelConfig.preset(preset, **over)
+    model = Transformer(cfg)
+    n = model.num_params(active=True) - (0 if cfg.tie_embeddings else model.embed.weight.numel())
+    return model, cfg, n
+
+
+def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    batch, context, vocab = v["batch"], CONTEXT, VOCAB
+    if quick:
+        batch, context, vocab = 2, 64, 512
+    steps = 4 if quick else v.get("steps", 25)
+    # MoE: 30 steps before timing, so the routers' bias balancing has started (docs/performance.md)
+    warmup = 2 if quick else v.get("warmup", 30 if v.get("preset", "").endswith("moe") else 6)
+    compile_ = v.get("compile", True) and not quick
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+    row: dict = {"variant": name, **v, "batch": batch, "context": context, "vocab": vocab, "device": device}
+
+    if v["model"] == "trainer":
+        return row | measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir)
+
+    if v["model"] == "nanogpt":
+        model = NanoGPT(vocab=vocab, context=context, **({"n_layer": 2, "n_head": 4, "d": 64} if quick else {}))
+        model.to(device)
+        n_params, layers, width = model.matmul_params(), model.n_layer, model.d
+        optimizer = model.optimizer(6e-4, fused=device == "cuda")
+        fwd = torch.compile(model) if compile_ else model
+
+        def loss_of(x, y):
+            return fwd(x, y)
+        moe = False
+    else:
+        from dsk.train.optim import make_optimizer
+
+        model, cfg, n_params = dsk_model(v["preset"], context, vocab, quick)
+        model.to(device).train()
+        layers, width = cfg.n_layers, cfg.n_heads * cfg.head_dim
+        optimizer = make_optimizer(model, name="adamw", lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device)
+        moe = cfg.is_moe
+        if v.get("moe") == "loop":
+            import dsk.models.model as M
+
+            M.use_grouped_mm = lambda x: None
+        elif moe and device == "cuda":
+            row["grouped_vs_loop_rel_err"] = check_grouped(model, cfg, device)
+        fwd = torch.compile(model) if compile_ else model
+
+        def loss_of(x, y):
+            return fwd(x, targets=y).loss
+    row["matmul_params"] = n_params
+    row["total_params"] = sum(p.numel() for p in model.parameters())
+    # 6 N per token for the weights, plus attention's QK^T and AV: 6 * 2 * L * width * T (full, not causal)
+    flops_per_token = 6 * n_params + 12 * layers * width * context
+    row["flops_per_token"] = flops_per_token
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    data = RandomTokens(batch, context, vocab, device)
+    loads: dict[int, torch.Tensor] = {}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def event():
+        if device != "cuda":
+            return time.perf_counter()
+        e = torch.cuda.Event(enable_timing=True)
+        e.record()
+        return e
+
+    def step(i: int, marks: list | None = None, prof=None):
+        rf = torch.profiler.record_function if prof is not None else (lambda _n: contextlib.nullcontext())
+        x, y = data.get(i)
+        m0 = event()
+        with rf("forward"), autocast:
+            loss = loss_of(x, y)
+        m1 = event()
+        with rf("backward"):
+            loss.backward()
+        m2 = event()
+        with rf("optimizer"):
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if moe:
+                for layer, load in model.update_router_bias().items():
+                    loads[layer] = loads.get(layer, 0) + load
+        m3 = event()
+        if marks is not None:
+            marks.append((m0, m1, m2, m3))
+        return loss
+
+    with sdpa_context(v.get("sdpa") if device == "cuda" else None):
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            loss = step(i)
+        sync()
+        row["warmup_s"] = round(time.perf_counter() - t0, 1)
+        loads.clear()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        marks: list = []
+        start = event()
+        for i in range(steps):
+            loss = step(warmup + i, marks)
+        end = event()
+        sync()
+        elapsed = (start.elapsed_time(end) / 1e3) if device == "cuda" else end - start
+        row["loss_end"] = round(float(loss), 4)
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+
+        def span(a, b):
+            return a.elapsed_time(b) if device == "cuda" else (b - a) * 1e3
+        for k, label in enumerate(("forward_ms", "backward_ms", "optimizer_ms")):
+            vals = sorted(span(m[k], m[k + 1]) for m in marks)
+            row[label] = round(vals[len(vals) // 2], 2)
+        row["step_ms"] = round(elapsed / steps * 1e3, 2)
+        row["tokens_per_s"] = round(batch * context * steps / elapsed)
+        row["model_tflops"] = round(flops_per_token * row["tokens_per_s"] / 1e12, 1)
+        if moe and loads:
+            ratios = {i: float(l.max()) / max(float(l.float().mean()), 1e-9) for i, l in loads.items()}
+            row["expert_load_max_over_mean"] = round(max(ratios.values()), 3)
+            row["expert_load_max_over_mean_by_layer"] = {str(i): round(r, 3) for i, r in ratios.items()}
+        row["profile"], row["profile_table"] = profile_steps(step, warmup + steps, device)
+    return row
+
+
+def check_grouped(model, cfg, device: str) -> float:
+    """Relative error of the grouped-matmul MoE layer against the per-expert loop, bf16 autocast."""
+    import dsk.models.model as M
+
+    layer = model.layers[cfg.n_dense_layers].ffn
+    x = torch.randn(2, 512, cfg.dim, device=device)
+    with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+        fast = layer(x)[0].float()
+        keep, M.use_grouped_mm = M.use_grouped_mm, (lambda t: None)
+        try:
+            slow = layer(x)[0].float()
+        finally:
+            M.use_grouped_mm = keep
+    layer.load.zero_()
+    return round(float((fast - slow).norm() / slow.norm()), 5)
+
+
+def profile_steps(step, first: int, device: str, n: int = 3) -> tuple[dict, str]:
+    """Device (or CPU) time of the forward / backward / optimizer ranges over ``n`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for i in range(n):
+            step(first + i, prof=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        if evt.key in ("forward", "backward", "optimizer"):
+            dev_us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0)
+            out[evt.key] = {"device_ms_per_step": round(dev_us / 1e3 / n, 2),
+                            "cpu_ms_per_step": round(evt.cpu_time_total / 1e3 / n, 2)}
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    return out, prof.key_averages().table(sort_by=sort, row_limit=25)
+
+
+def measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir: Path) -> dict:
+    """The same dense model through dsk.train.train (the loop `dsk pretrain` runs): tokens/s of its last log interval."""
+    import tempfile
+
+    from dsk.train import TrainConfig, train
+
+    model, cfg, n_params = dsk_model(v["preset"], context, vocab, quick)
+    data = RandomTokens(batch, context, vocab, device)
+    steps = 6 if quick else 40
+    tcfg = TrainConfig(max_steps=steps, batch_size=batch, lr=6e-4, warmup_steps=5, precision="bf16", device=device,
+                       compile=compile_, eval_every=0, log_every=steps // 4 if not quick else 2,
+                       checkpoint_every_minutes=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = train(model, data, tcfg, run_dir=Path(tmp))
+        wall = time.perf_counter() - t0
+        timing = [json.loads(line) for line in (Path(tmp) / "timing.jsonl").read_text().splitlines()]
+    last = [t for t in timing if t["split"] == "train"][-1]
+    flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.dim * context
+    return {"matmul_params": n_params, "flops_per_token": flops_per_token, "tokens_per_s": round(last["tokens_per_s"]),
+            "model_tflops": round(flops_per_token * last["tokens_per_s"] / 1e12, 1), "wall_s": round(wall, 1),
+            "loss_end": result.val_loss}
+
+
+# =========================================================================== driver
+
+
+def run_variant_subprocess(name: str, args, out_dir: Path, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--variant", name, "--out", str(out_dir)] + (["--quick"] if args.quick else [])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": name, "error": f"timed out after {timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        return {"variant": name, "error": f"exit {proc.returncode}: " + " | ".join(tail)[-800:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    lines = [f"GPU training speed — {meta['gpu']}, torch {meta['torch']}, {meta['date']}; "
+             f"bf16 matrix rate {meta['matmul_tflops']:.0f} TFLOP/s (8192^3, random data, same call)", "",
+             "| variant | batch | tokens/s | MFU | step ms | fwd / bwd / opt ms | peak GiB | load max/mean | notes |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | | | | | | | | failed: {r['error'][:120]} |")
+            continue
+        split = " / ".join(str(r.get(k, "")) for k in ("forward_ms", "backward_ms", "optimizer_ms"))
+        note = f"grouped-vs-loop rel err {r['grouped_vs_loop_rel_err']}" if "grouped_vs_loop_rel_err" in r else ""
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['tokens_per_s']:,} | {r.get('mfu', 0):.1%} | {r.get('step_ms', '')} | "
+            f"{split} | {r.get('peak_mem_gib', '')} | {r.get('expert_load_max_over_mean', '')} | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few steps (smoke test; runs on CPU)")
+    ap.add_argument("--only", default="", help="comma-separated variant names")
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="", help="results directory (default benchmarks/results; --quick: a temp dir)")
+    ap.add_argument("--budget-s", type=float, default=560.0, help="skip variants that would start after this")
+    args = ap.parse_args()
+    # a smoke run must not overwrite the measured results
+    out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "dsk-bench-quick" if args.quick else RESULTS))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    if args.variant:
+        row = measure(args.variant, VARIANTS[args.variant], quick=args.quick, out_dir=out_dir)
+        print("RESULT " + json.dumps(row), flush=True)
+        return
+
+    if not torch.cuda.is_available() and not args.quick:
+        print(f"{Path(__file__).name}: needs a CUDA GPU (results in docs/performance.md); --quick runs a CPU smoke test")
+        return
+    t_start = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    meta = {"gpu": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "grouped_mm": hasattr(torch, "_grouped_mm")}
+    meta["matmul_tflops"] = matmul_tflops("cuda") if cuda else float("nan")
+    print(f"{meta['gpu']}: bf16 matmul {meta['matmul_tflops']:.0f} TFLOP/s", flush=True)
+    names = [n for n in (args.only.split(",") if args.only else VARIANTS) if n]
+    rows = []
+    for name in names:
+        left = args.budget_s - (time.perf_counter() - t_start)
+        if left < 45:
+            rows.append({"variant": name, "error": "skipped: out of time budget"})
+            continue
+        row = run_variant_subprocess(name, args, out_dir, timeout=left)
+        if "tokens_per_s" in row and cuda:
+            row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (meta["matmul_tflops"] * 1e12)
+        rows.append(row)
+        brief = {k: row.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "peak_mem_gib", "expert_load_max_over_mean",
+                                         "warmup_s", "error")}
+        print(name, json.dumps(brief), flush=True)
+        (out_dir / "pretrain_gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    anchor = next((r for r in rows if r["variant"] == "nanogpt-b32" and "tokens_per_s" in r), None)
+    if anchor:
+        for r in rows:
+            if "tokens_per_s" in r:
+                r["vs_nanogpt"] = round(r["tokens_per_s"] / anchor["tokens_per_s"], 3)
+    (out_dir / "pretrain_gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out_dir / "pretrain_gpu.md").write_text(markdown(meta, rows))
+    print(markdown(meta, rows))
+
+
+if __name__ == "__main__":
+    main()
