@@ -33,6 +33,10 @@ class Params(StageParams):
         description="Where adapters go: attn (attention projections), mlp (dense SwiGLU + shared experts), "
         "experts (routed experts), e.g. '[attn, mlp]'.",
     )
+    lora_chat_tokens: bool = Field(
+        True, description="With LoRA, also train the embedding rows of the chat tokens (<|user|>, <|assistant|>, <|end|> ...), "
+        "which a base pretrained on plain text has never seen.",
+    )
     dpo_train: Literal["lora", "full"] = Field("lora", description="dpo: train LoRA adapters (with the lora_* settings) or every weight.")
     beta: float = Field(0.1, gt=0, description="dpo: strength of the KL anchor to the reference (the input SFT model).")
     context: Optional[int] = Field(None, ge=8, description="Tokens per training row (default: the base model's max_seq_len).")
