@@ -83,6 +83,8 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
                        "(e.g. --data data/sample/tasks/train.jsonl; see `dsk finetune --show-template`)")
     base = resolve_base(store, source, params.method)
     check_base(base)
+    if params.method == "dpo" and base.stage != "finetune":
+        console.warn(f"dpo on {base.stage} {base.id}: the reference is usually the SFT model (a finetune artifact)")
     data = hash_raw_input(params.data)
     if not data.path.is_file():
         raise DskError(f"--data {params.data!r} is a directory; pass one JSONL file")
