@@ -249,3 +249,21 @@ def test_sample_tasks_are_reproducible_small_and_valid(tmp_path):
     assert len(train) == 2000 and len(held) == 200 and len(prefs) == 600
     seen = {r.prompt_messages[-1]["content"] for r in train}
     assert not any(r.prompt_messages[-1]["content"] in seen for r in held)  # held-out is unseen
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_packed_rows_equal_examples_run_apart(preset):
+    """With the segment mask, a packed row's logits equal each example's logits on its own."""
+    tok = char_tokenizer()
+    enc, data = _sft(tok, copy_rows(6), packing=True)
+    model = tiny_model(tok, preset=preset).eval()
+    x = torch.from_numpy(data.train_ids[:1])
+    segments = torch.cumsum(x == tok.bos_id, dim=1)
+    packed = model(x, segments=segments).logits[0]
+    starts = (x[0] == tok.bos_id).nonzero().flatten().tolist()
+    assert len(starts) > 1
+    for s, e in zip(starts, starts[1:]):
+        alone = model(x[:, s:e]).logits[0]
+        torch.testing.assert_close(packed[s:e], alone, rtol=1e-4, atol=1e-5)
+    # and without the mask they differ (the later examples see the earlier ones)
+    assert (model(x).logits[0, starts[1]:starts[2]] - packed[starts[1]:starts[2]]).abs().max() > 1e-4

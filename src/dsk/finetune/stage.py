@@ -206,6 +206,8 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
         from dsk.finetune.dpo import DPOObjective
 
         loss_fn = DPOObjective(reference, params.beta)
+    elif params.packing:
+        loss_fn = fdata.PackedLoss(tok.bos_id)
     try:
         result = train(
             model, data, train_config(params), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,
