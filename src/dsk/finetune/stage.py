@@ -28,7 +28,7 @@ from dsk.errors import DskError
 from dsk.finetune.params import Params
 from dsk.runtime import StageContext, resolve_inputs, run_stage
 
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 TEXT_MODEL_FILES = ("config.json", "model.safetensors")
 
 
