@@ -240,6 +240,22 @@ def test_window_sampler_is_deterministic_and_reads_the_shard(workspace):
     assert sum(v[1].numel() for v in val) == ((len(np.fromfile(art.path / "val.bin", dtype=np.uint16)) - 1) // 16) * 16
 
 
+def test_muon_orthogonalises_and_keeps_head_and_router_on_adamw():
+    from dsk.models import ModelConfig, Transformer
+    from dsk.train import make_optimizer
+    from dsk.train.optim import newton_schulz
+
+    g = torch.randn(3, 48, 24)
+    sv = torch.linalg.svdvals(newton_schulz(g))
+    assert sv.min() > 0.5 and sv.max() < 1.3  # all singular values pulled toward 1
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=50, tie_embeddings=False))
+    opt = make_optimizer(model, name="muon", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device="cpu")
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.param_groups if g["muon"] for p in g["params"]}
+    assert "layers.1.ffn.experts.w1" in muon and "layers.0.attn.wkv_a.weight" in muon
+    assert not {"head.weight", "layers.1.ffn.gate.weight", "embed.weight"} & muon
+
+
 def test_lr_schedule_and_param_groups():
     from dsk.models import ModelConfig, Transformer
     from dsk.train import lr_at, param_groups
@@ -258,11 +274,12 @@ def test_lr_schedule_and_param_groups():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-def test_lion_optimizer_trains(workspace):
+@pytest.mark.parametrize("optimizer, lr", [("lion", 3e-4), ("muon", 3e-3)])
+def test_other_optimizers_train(workspace, optimizer, lr):
     from dsk.pretrain import run
 
     make_tokens_artifact()
-    result = run(params=tiny_params(optimizer="lion", lr=3e-4, max_steps=20, eval_every=0, preset="tiny-dense"))
+    result = run(params=tiny_params(optimizer=optimizer, lr=lr, max_steps=20, eval_every=0, preset="tiny"))
     records = [json.loads(x) for x in (result.artifact.path / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if r["split"] == "train"]
     assert train[-1] < train[0]

@@ -150,10 +150,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=256, attn="mha", inter_dim=192,
         n_dense_layers=2, n_routed_experts=0, n_shared_experts=0,
     ),
-    # best 180-s CPU recipe found by benchmarks/pretrain_cpu.py (see docs/pretrain.md)
+    # the shapes of the best 180-s CPU runs of benchmarks/pretrain_cpu.py (docs/pretrain.md):
+    # small and fast wins on 2 cores; MoE and MLA cost more per token than they give back there
     "cpu": dict(
-        dim=192, n_layers=4, n_heads=6, max_seq_len=256, attn="mha", inter_dim=512,
+        dim=128, n_layers=4, n_heads=4, max_seq_len=64, attn="mha", inter_dim=336,
         n_dense_layers=4, n_routed_experts=0, n_shared_experts=0,
+    ),
+    "cpu-moe": dict(
+        dim=128, n_layers=4, n_heads=4, max_seq_len=64, attn="mha", inter_dim=336, n_dense_layers=1,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=1, moe_inter_dim=128, bias_update_speed=0.01,
     ),
     "small": dict(
         dim=256, n_layers=6, n_heads=8, max_seq_len=512, attn="mla", kv_lora_rank=64,

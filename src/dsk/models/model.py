@@ -397,6 +397,8 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def new_cache(self, batch_size: int, max_len: int | None = None, *, device=None, dtype=None) -> KVCache:
         device = device or self.embed.weight.device
+        if dtype is None:  # match the model (e.g. bf16 when serving), else fp32
+            dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device=device, dtype=dtype)
 
     def trunk(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None, attn_mask=None):

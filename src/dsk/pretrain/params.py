@@ -8,11 +8,11 @@ from pydantic import Field
 
 from dsk.config import StageParams
 
-Preset = Literal["tiny", "tiny-dense", "cpu", "small", "base"]
+Preset = Literal["tiny", "tiny-dense", "cpu", "cpu-moe", "small", "base"]
 
 
 class Params(StageParams):
-    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu (best 180-s CPU recipe), small, base.")
+    preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu / cpu-moe (the 180-s CPU benchmark's shapes), small, base.")
     arch: dict[str, Any] = Field(
         default_factory=dict,
         description="Model config overrides on top of the preset, e.g. '{n_layers: 4, attn: mha, n_routed_experts: 0}'.",
@@ -28,7 +28,10 @@ class Params(StageParams):
     schedule_clock: Literal["steps", "time"] = Field(
         "steps", description="Cosine over max_steps, or over max_minutes of wall time (time: not reproducible)."
     )
-    optimizer: Literal["adamw", "lion"] = Field("adamw", description="Optimizer (AdamW is fused where available).")
+    optimizer: Literal["adamw", "lion", "muon"] = Field(
+        "adamw", description="AdamW (fused where available), Lion, or Muon on hidden matrices + AdamW on the rest."
+    )
+    muon_lr_scale: float = Field(10.0, gt=0, description="With --optimizer muon: Muon's step size is lr * muon_lr_scale.")
     weight_decay: float = Field(0.1, ge=0, description="Weight decay of matrices (never norms, biases, embeddings).")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam/Lion beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="Adam/Lion beta2.")

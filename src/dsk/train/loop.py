@@ -47,7 +47,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    optimizer: str = "adamw"  # adamw | lion
+    optimizer: str = "adamw"  # adamw | lion | muon (Muon on matrices, AdamW on the rest)
+    muon_lr_scale: float = 10.0  # Muon's step size = lr * muon_lr_scale
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False
@@ -149,7 +150,7 @@ def train(
     forward = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(
         model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-        betas=(cfg.beta1, cfg.beta2), device=device,
+        betas=(cfg.beta1, cfg.beta2), device=device, muon_lr_scale=cfg.muon_lr_scale,
     )
     # fp16 needs loss scaling; the scaler is a pass-through for fp32/bf16
     scaler = torch.amp.GradScaler(

@@ -54,10 +54,78 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise the last two dims of ``g`` (Muon's quintic iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.float()
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (K. Jordan et al. 2024) for weight matrices, AdamW for everything else.
+
+    Groups with ``muon=True`` take SGD-Nesterov momentum, orthogonalised by Newton-Schulz,
+    scaled by sqrt(max(1, rows/cols)); their step size is ``lr * lr_scale``. Other groups are
+    plain AdamW. Stacked expert weights [E, out, in] are orthogonalised per expert.
+    """
+
+    def __init__(self, groups, lr: float, betas=(0.9, 0.95), eps: float = 1e-8, momentum: float = 0.95):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, momentum=momentum, muon=False, lr_scale=1.0))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            lr, wd = group["lr"] * group["lr_scale"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if group["muon"]:
+                    if not state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]))
+                    update *= max(1.0, p.shape[-2] / p.shape[-1]) ** 0.5
+                    p.mul_(1 - lr * wd).add_(update, alpha=-lr)
+                else:
+                    b1, b2 = group["betas"]
+                    if not state:
+                        state["step"] = torch.zeros(())
+                        state["exp_avg"] = torch.zeros_like(p)
+                        state["exp_avg_sq"] = torch.zeros_like(p)
+                    state["step"] += 1
+                    t = float(state["step"])
+                    state["exp_avg"].lerp_(p.grad, 1 - b1)
+                    state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                    denom = (state["exp_avg_sq"] / (1 - b2**t)).sqrt_().add_(group["eps"])
+                    p.mul_(1 - lr * wd).addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+        return loss
+
+
 def make_optimizer(
-    model: nn.Module, *, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device: str
+    model: nn.Module, *, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device: str,
+    muon_lr_scale: float = 10.0,
 ) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
+    if name == "muon":
+        # Muon is for hidden weight matrices: the output head and the routers stay on AdamW
+        adam_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.") or n.endswith("gate.weight")}
+        matrices = [p for p in groups[0]["params"] if id(p) not in adam_ids]
+        others = [p for p in groups[0]["params"] if id(p) in adam_ids]
+        return Muon([
+            {"params": matrices, "weight_decay": weight_decay, "muon": True, "lr_scale": muon_lr_scale},
+            {"params": others, "weight_decay": weight_decay},
+            {"params": groups[1]["params"], "weight_decay": 0.0},
+        ], lr=lr, betas=betas)
     if name == "lion":
         return Lion(groups, lr=lr, betas=betas)
     # the fused kernel does the whole update in one pass (CUDA, and CPU in torch >= 2.4)
