@@ -87,7 +87,8 @@ def test_end_to_end_layout_and_shards_equal_direct_encoding(cli):
         texts = split_docs(path, split, tok)
         assert meta[f"{split}_bytes"] == sum(len(t.encode("utf-8")) for t in texts)
         # the shard holds exactly the direct encoding of each document + end-of-text
-        direct = np.concatenate([np.array(tok.encode(t) + [tok.eot_id]) for t in texts])
+        direct = np.concatenate([np.array(tok.hf.encode(t, add_special_tokens=False).ids + [tok.eot_id])
+                                 for t in texts])
         assert np.array_equal(np.asarray(tokens), direct)
         seen.append({by_text[t] for t in texts})
     train, val = seen
@@ -169,3 +170,27 @@ def test_error_tokenizer_artifact_without_tokenizer(cli, workspace):
     code, out, err = cli("featurize", src, "--tokenizer", src)
     assert code == 2 and "no tokenizer.json" in err
     assert not (workspace / "artifacts" / "featurize").exists()
+
+
+def test_worker_pool_writes_the_same_shards(tmp_path, monkeypatch):
+    import dsk.featurize.text as text
+    from dsk.data.tokenizer import Tokenizer, encode_pool, train_bpe
+    from dsk.featurize.text import encode_split
+
+    monkeypatch.setattr(text, "BATCH_BYTES", 20_000)  # many small batches: order must hold
+
+    docs = sample_docs(200) + ["plain ascii"] * 5
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(train_bpe(docs, vocab_size=300)).save(path)
+    from dsk.data.tokenizer import load_tokenizer
+    tok = load_tokenizer(path)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    one = encode_split(tmp_path / "a", tok, "train", docs, "uint16")
+    pool = encode_pool(path, 2)
+    try:
+        two = encode_split(tmp_path / "b", tok, "train", docs, "uint16", pool=pool)
+    finally:
+        pool.shutdown()
+    assert one["tokens"] == two["tokens"] and one["bytes"] == two["bytes"]
+    for name in ("train.bin", "train_offsets.npy"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

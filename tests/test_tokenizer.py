@@ -85,3 +85,19 @@ def test_vocab_too_small_for_special_tokens():
 def test_load_tokenizer_missing_file(tmp_path):
     with pytest.raises(DskError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_fast_ascii_path_gives_the_library_ids(bpe):
+    """encode() takes a cached-regex path for ASCII text: it must equal `tokenizers` exactly."""
+    import random
+
+    assert bpe._fast_ascii
+    rng = random.Random(0)
+    pieces = [chr(i) for i in range(128)] + [" ", "  ", "\n\n", "'s", "'ll", "'re", "'ve", "'m", "'t", "'d",
+                                               " word", "Word", "42", " 7", "\t", "--", "?!"]
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 40))) for _ in range(5000)]
+    texts += CORPUS[:5]
+    library = [bpe.hf.encode(t, add_special_tokens=False).ids for t in texts]
+    assert [bpe.encode(t) for t in texts] == library
+    assert bpe.encode_batch(texts + HARD) == library + [bpe.hf.encode(t, add_special_tokens=False).ids for t in HARD]
+    assert not Tokenizer(train_char(CORPUS))._fast_ascii

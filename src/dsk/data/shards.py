@@ -38,6 +38,16 @@ def offsets_path(artifact_dir: str | Path, split: str) -> Path:
     return Path(artifact_dir) / f"{split}_offsets.npy"
 
 
+def flatten_documents(docs: Sequence[Sequence[int]], eot_id: int, dtype: str | np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Documents' ids back to back, each followed by ``eot_id``, and each one's length (+1)."""
+    lengths = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+    eot = (int(eot_id),)
+    # one fromiter over a chained iterator: far cheaper than an array per document
+    flat = np.fromiter(chain.from_iterable(chain(d, eot) for d in docs),
+                       dtype=np.dtype(dtype).newbyteorder("<"), count=int(lengths.sum()))
+    return flat, lengths
+
+
 class ShardWriter:
     """Append documents' token ids to ``<split>.bin``; ``close()`` writes the offsets."""
 
@@ -51,15 +61,12 @@ class ShardWriter:
 
     def add_many(self, docs: Sequence[Sequence[int]]) -> None:
         """Append documents' ids; the end-of-text id is written after each one."""
-        if not docs:
-            return
-        lengths = [len(d) + 1 for d in docs]
-        eot = (self.eot_id,)
-        # one fromiter over a chained iterator: far cheaper than an array per document
-        flat = np.fromiter(chain.from_iterable(chain(d, eot) for d in docs),
-                           dtype=self.dtype, count=sum(lengths))
-        self._file.write(flat.tobytes())
-        self._lengths.extend(lengths)
+        self.add_flat(*flatten_documents(docs, self.eot_id, self.dtype))
+
+    def add_flat(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents already flattened by :func:`flatten_documents`."""
+        self._file.write(np.ascontiguousarray(flat, dtype=self.dtype).tobytes())
+        self._lengths.extend(int(n) for n in lengths)
 
     @property
     def n_tokens(self) -> int:

@@ -22,11 +22,12 @@ import pyarrow.parquet as pq
 from dsk import console
 from dsk.artifacts import sha256_file
 from dsk.data.shards import SPLITS, ShardWriter, dtype_for_vocab, open_split
-from dsk.data.tokenizer import SPECIAL_TOKENS, Tokenizer, load_tokenizer, train_bpe, train_char
+from dsk.data.tokenizer import SPECIAL_TOKENS, Tokenizer, encode_pool, load_tokenizer, train_bpe, train_char
 from dsk.errors import DskError
 from dsk.runtime import StageContext
 
 BATCH_BYTES = 4 << 20  # encode ~4 MB of text per batch: big enough to keep both cores busy
+PARALLEL_MIN_CHARS = 8 << 20  # below this a worker pool costs more than it saves
 
 
 def read_documents(path: Path) -> tuple[np.ndarray, list[Any], np.ndarray]:
@@ -90,31 +91,58 @@ def unknown_bytes(tok: Tokenizer, texts: list[str], ids: list[list[int]]) -> int
     return total
 
 
-def encode_split(ctx: StageContext, tok: Tokenizer, split: str, texts: list[str], dtype: str,
-                 advance) -> dict[str, Any]:
-    """Encode ``texts`` in batches of ~BATCH_BYTES into ``<split>.bin``/``_offsets.npy``."""
+def batch_bounds(texts: list[str], batch_chars: int) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    while start < len(texts):
+        end, size = start, 0
+        while end < len(texts) and (size < batch_chars or end == start):
+            size += len(texts[end])
+            end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def encode_workers(tok: Tokenizer, total_chars: int) -> int:
+    """Processes for the ASCII fast path: every core, once the corpus is worth a spawn (~1 s)."""
+    import os
+
+    if not tok._fast_ascii or total_chars < PARALLEL_MIN_CHARS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 16))
+
+
+def encode_split(out: Path, tok: Tokenizer, split: str, texts: list[str], dtype: str,
+                 advance=lambda n: None, pool=None) -> dict[str, Any]:
+    """Encode ``texts`` in batches of ~BATCH_BYTES into ``out/<split>.bin`` + ``_offsets.npy``.
+
+    With ``pool`` (from ``dsk.data.tokenizer.encode_pool``) the batches are encoded by worker
+    processes, in order; without it, in this process (`tokenizers` still uses every core for
+    non-ASCII text). benchmarks/featurize_encode.py times this function.
+    """
+    from dsk.data.tokenizer import _pool_encode
+
     n_bytes = unk = 0
-    seconds = 0.0
-    with ShardWriter(ctx.out, split, dtype, tok.eot_id) as writer:
-        start = 0
-        while start < len(texts):
-            end, size = start, 0
-            while end < len(texts) and (size < BATCH_BYTES or end == start):
-                size += len(texts[end])
-                end += 1
-            batch = texts[start:end]
-            t0 = time.perf_counter()
-            ids = tok.encode_batch(batch)
-            writer.add_many(ids)
-            seconds += time.perf_counter() - t0
-            batch_bytes = sum(len(t.encode("utf-8")) for t in batch)
+    t0 = time.perf_counter()
+    bounds = batch_bounds(texts, BATCH_BYTES if pool is None else BATCH_BYTES // 4)
+    with ShardWriter(out, split, dtype, tok.eot_id) as writer:
+        if pool is not None:
+            encoded = pool.map(_pool_encode, [(texts[s:e], dtype) for s, e in bounds])
+        else:
+            encoded = (tok.encode_batch(texts[s:e]) for s, e in bounds)
+        for (s, e), result in zip(bounds, encoded):
+            if pool is not None:  # only byte-level BPE gets a pool (encode_workers): no unknown bytes
+                writer.add_flat(*result)
+            else:
+                writer.add_many(result)
+                unk += unknown_bytes(tok, texts[s:e], result)
+            batch_bytes = sum(len(t.encode("utf-8")) for t in texts[s:e])
             n_bytes += batch_bytes
-            unk += unknown_bytes(tok, batch, ids)
             advance(batch_bytes)
-            start = end
         n_tokens = writer.n_tokens
     return {"docs": len(texts), "tokens": n_tokens, "bytes": n_bytes, "unknown_bytes": unk,
-            "encode_seconds": seconds}
+            "encode_seconds": time.perf_counter() - t0}
 
 
 def build_text(ctx: StageContext) -> None:
@@ -142,9 +170,16 @@ def build_text(ctx: StageContext) -> None:
 
     stats: dict[str, dict[str, Any]] = {}
     total_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    with console.progress_task("encoding", total_bytes) as advance:
-        for split in SPLITS:
-            stats[split] = encode_split(ctx, tok, split, split_texts[split], dtype, advance)
+    workers = encode_workers(tok, sum(len(t) for t in texts))
+    pool = encode_pool(ctx.out / "tokenizer.json", workers) if workers > 1 else None
+    try:
+        with console.progress_task(f"encoding ({workers} process{'es' if workers > 1 else ''})",
+                                   total_bytes) as advance:
+            for split in SPLITS:
+                stats[split] = encode_split(ctx.out, tok, split, split_texts[split], dtype, advance, pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     encode_seconds = sum(s["encode_seconds"] for s in stats.values())
     mb_per_s = total_bytes / 1e6 / max(encode_seconds, 1e-9)
     ctx.log.info(f"encoded {total_bytes / 1e6:.2f} MB in {encode_seconds:.2f}s ({mb_per_s:.2f} MB/s)")
