@@ -64,8 +64,8 @@ def task_of(prompt: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--pretrain-steps", type=int, default=400)
-    ap.add_argument("--sft-steps", type=int, default=300)
+    ap.add_argument("--pretrain-steps", type=int, default=1500)
+    ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--lora-rank", type=int, default=4)

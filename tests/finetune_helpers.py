@@ -31,6 +31,7 @@ class BaseParams(StageParams):
     arch: dict = {}
 
 
+REPO = Path(__file__).resolve().parents[1]
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 :+-"
 
 

@@ -135,7 +135,7 @@ def test_only_adapter_params_change_under_lora(preset, targets):
     tok = char_tokenizer()
     model = tiny_model(tok, preset=preset)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets))
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, token_ids=[tok.end_id, tok.special["user"]]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -153,14 +153,18 @@ def test_only_adapter_params_change_under_lora(preset, targets):
     assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
 
 
-@pytest.mark.parametrize("preset, targets", [("tiny", ("attn", "mlp", "experts")), ("tiny-dense", ("attn", "mlp"))])
-def test_merged_logits_equal_base_plus_adapter(preset, targets, tmp_path):
+@pytest.mark.parametrize("preset, targets, arch", [
+    ("tiny", ("attn", "mlp", "experts"), {}),
+    ("tiny-dense", ("attn", "mlp"), {}),
+    ("tiny-dense", ("attn",), {"tie_embeddings": False}),
+])
+def test_merged_logits_equal_base_plus_adapter(preset, targets, arch, tmp_path):
     from dsk.models import load_model, save_model
 
     tok = char_tokenizer()
-    model = tiny_model(tok, preset=preset)
+    model = tiny_model(tok, preset=preset, **arch)
     save_model(model, tmp_path, tokenizer=tok.hf)
-    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets))
+    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, token_ids=[tok.end_id, tok.bos_id]))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -171,11 +175,12 @@ def test_merged_logits_equal_base_plus_adapter(preset, targets, tmp_path):
     save_adapters(model, cfg, tmp_path)  # next to the base: an unmerged LoRA artifact
     merged = copy.deepcopy(model)
     assert merge_lora(merged) > 0
-    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    assert not any("lora_" in n for n in merged.state_dict())
+    assert (merged.head.weight is merged.embed.weight) == merged.cfg.tie_embeddings
     torch.testing.assert_close(merged(x).logits, with_adapters, rtol=1e-4, atol=1e-5)
     loaded, _, _ = load_model(tmp_path)  # load_model folds the adapters in
     torch.testing.assert_close(loaded(x).logits, with_adapters, rtol=1e-4, atol=1e-5)
-    plain = tiny_model(tok, preset=preset).eval()
+    plain = tiny_model(tok, preset=preset, **arch).eval()
     assert (plain(x).logits - with_adapters).abs().max() > 1e-3  # the adapters did change the output
 
 
@@ -219,3 +224,46 @@ def test_dpo_loss_decreases_and_margin_grows():
     assert history[0][0] == pytest.approx(0.6931, abs=1e-3) and history[0][1] == pytest.approx(0.0, abs=1e-5)
     assert history[-1][0] < 0.5 * history[0][0]
     assert history[-1][1] > 1.0 and history[-1][2] == 1.0
+
+
+# --------------------------------------------------------------------------- sample data
+
+
+def test_sample_tasks_are_reproducible_small_and_valid(tmp_path):
+    import importlib.util
+
+    from finetune_helpers import REPO
+
+    spec = importlib.util.spec_from_file_location("make_sample_tasks", REPO / "scripts" / "make_sample_tasks.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    gen.main(tmp_path)
+    shipped = REPO / "data" / "sample" / "tasks"
+    names = sorted(p.name for p in shipped.glob("*.jsonl"))
+    assert names == ["heldout.jsonl", "preferences.jsonl", "preferences_heldout.jsonl", "train.jsonl"]
+    assert all((tmp_path / n).read_bytes() == (shipped / n).read_bytes() for n in names)
+    assert sum((shipped / n).stat().st_size for n in names) < 1_000_000
+    train, _ = fdata.read_jsonl(shipped / "train.jsonl", kind="instruction", bad_lines="fail")
+    held, _ = fdata.read_jsonl(shipped / "heldout.jsonl", kind="instruction", bad_lines="fail")
+    prefs, _ = fdata.read_jsonl(shipped / "preferences.jsonl", kind="preference", bad_lines="fail")
+    assert len(train) == 2000 and len(held) == 200 and len(prefs) == 600
+    seen = {r.prompt_messages[-1]["content"] for r in train}
+    assert not any(r.prompt_messages[-1]["content"] in seen for r in held)  # held-out is unseen
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense"])
+def test_packed_rows_equal_examples_run_apart(preset):
+    """With the segment mask, a packed row's logits equal each example's logits on its own."""
+    tok = char_tokenizer()
+    enc, data = _sft(tok, copy_rows(6), packing=True)
+    model = tiny_model(tok, preset=preset).eval()
+    x = torch.from_numpy(data.train_ids[:1])
+    segments = torch.cumsum(x == tok.bos_id, dim=1)
+    packed = model(x, segments=segments).logits[0]
+    starts = (x[0] == tok.bos_id).nonzero().flatten().tolist()
+    assert len(starts) > 1
+    for s, e in zip(starts, starts[1:]):
+        alone = model(x[:, s:e]).logits[0]
+        torch.testing.assert_close(packed[s:e], alone, rtol=1e-4, atol=1e-5)
+    # and without the mask they differ (the later examples see the earlier ones)
+    assert (model(x).logits[0, starts[1]:starts[2]] - packed[starts[1]:starts[2]]).abs().max() > 1e-4

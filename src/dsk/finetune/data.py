@@ -6,7 +6,9 @@ the run (``--bad-lines fail``, the default) or goes to ``rejects.jsonl`` (``skip
 
 Instruction rows become token rows whose targets are ``-100`` (ignored by the loss) except on
 assistant content and its ``<|end|>``. With packing, whole examples are laid end to end in
-rows of ``context`` tokens; an example is never split. Batches are a pure function of
+rows of ``context`` tokens; an example is never split, and :class:`PackedLoss` keeps them
+apart (each attends only to itself, positions restart at its ``<|bos|>``), so a packed row
+trains exactly like its examples run one by one, only faster. Batches are a pure function of
 ``(seed, step, micro)`` (epoch-wise permutations), so a resumed run sees the same batches.
 
     >>> recs, rejects = read_jsonl("data/sample/tasks/train.jsonl", kind="instruction", bad_lines="fail")
@@ -265,8 +267,8 @@ class SFTData:
         longest_val = max((len(e.ids) for e in val), default=2)
         t_ids, t_labels = trim(*pack([train[i] for i in order], context=context, pad_id=pad_id, packing=packing),
                                at_least=longest_val)
-        if val:
-            v_ids, v_labels = pack(val, context=t_ids.shape[1], pad_id=pad_id, packing=packing)
+        if val:  # never packed: the loop's evaluation runs rows without segment masks
+            v_ids, v_labels = pack(val, context=t_ids.shape[1], pad_id=pad_id, packing=False)
         else:
             v_ids, v_labels = t_ids[:0], t_labels[:0]
         return cls(t_ids, t_labels, v_ids, v_labels, batch_size, grad_accum, seed,
@@ -299,6 +301,22 @@ class SFTData:
         if not self.val_target_bytes:
             return float("nan")
         return loss_nats_per_token * self.n_val_targets / (math.log(2) * self.val_target_bytes)
+
+
+class PackedLoss:
+    """The loop's loss hook for packed rows: a segment per ``<|bos|>``, so examples stay apart.
+
+    Without it, an example attends to the examples packed before it in its row, which act as
+    distractors: on a 4-letter copy task a tiny model stayed at 0% held-out exact match after
+    400 steps packed that way, where one example per row reached 100% after 200 steps.
+    """
+
+    def __init__(self, bos_id: int):
+        self.bos_id = bos_id
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        segments = torch.cumsum(x == self.bos_id, dim=1)
+        return model(x, targets=y, segments=segments).loss, {}
 
 
 @dataclass

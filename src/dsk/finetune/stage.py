@@ -28,7 +28,7 @@ from dsk.errors import DskError
 from dsk.finetune.params import Params
 from dsk.runtime import StageContext, resolve_inputs, run_stage
 
-STAGE_VERSION = "1"
+STAGE_VERSION = "2"
 TEXT_MODEL_FILES = ("config.json", "model.safetensors")
 
 
@@ -83,6 +83,8 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
                        "(e.g. --data data/sample/tasks/train.jsonl; see `dsk finetune --show-template`)")
     base = resolve_base(store, source, params.method)
     check_base(base)
+    if params.method == "dpo" and base.stage != "finetune":
+        console.warn(f"dpo on {base.stage} {base.id}: the reference is usually the SFT model (a finetune artifact)")
     data = hash_raw_input(params.data)
     if not data.path.is_file():
         raise DskError(f"--data {params.data!r} is a directory; pass one JSONL file")
@@ -177,8 +179,10 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     lora_cfg = None
     speed = cfg.bias_update_speed
     if use_lora:
+        chat_ids = sorted({tok.special[n] for n in ("bos", "system", "user", "assistant", "end")})
         lora_cfg = add_lora(model, LoraConfig(rank=params.lora_rank, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                                              targets=tuple(params.lora_targets), init_seed=ctx.seed))
+                                              targets=tuple(params.lora_targets), init_seed=ctx.seed,
+                                              token_ids=chat_ids if params.lora_chat_tokens else []))
         # the router bias belongs to the frozen base: no aux-loss-free balancing updates under LoRA
         cfg.bias_update_speed = 0.0
     else:
@@ -202,6 +206,8 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
         from dsk.finetune.dpo import DPOObjective
 
         loss_fn = DPOObjective(reference, params.beta)
+    elif params.packing:
+        loss_fn = fdata.PackedLoss(tok.bos_id)
     try:
         result = train(
             model, data, train_config(params), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,

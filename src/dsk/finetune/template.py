@@ -16,7 +16,7 @@ from dsk.data.tokenizer import SPECIAL_TOKENS
 EXAMPLE = [
     {"role": "system", "content": "Answer with the result only."},
     {"role": "user", "content": "reverse: good morrow sir"},
-    {"role": "assistant", "content": "sir morrow good"},
+    {"role": "assistant", "content": "Result: sir morrow good"},
 ]
 
 

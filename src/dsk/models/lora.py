@@ -51,6 +51,9 @@ class LoraConfig:
     dropout: float = 0.0
     targets: tuple[str, ...] = ("attn", "mlp")
     init_seed: int = 0  # the adapters' A matrices are drawn from their own generator
+    # token ids whose embedding (and output) rows train too: the chat special tokens, which a
+    # base pretrained on plain text has never seen (peft calls this trainable_token_indices)
+    token_ids: list[int] = field(default_factory=list)
     modules: list[str] = field(default_factory=list)  # filled by add_lora: the adapted names
 
     @property
@@ -66,7 +69,7 @@ class LoraConfig:
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d.get("dropout", 0.0)),
                    targets=tuple(d["targets"]), init_seed=int(d.get("init_seed", 0)),
-                   modules=list(d.get("modules", [])))
+                   token_ids=[int(i) for i in d.get("token_ids", [])], modules=list(d.get("modules", [])))
 
 
 class LoraLinear(nn.Linear):
@@ -122,6 +125,54 @@ class LoraExperts(Experts):
         return lin("w2", g, g_drop)
 
 
+class LoraEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` (same ``weight``) whose rows ``lora_token_ids`` get a trainable delta."""
+
+    def __init__(self, base: nn.Embedding, token_ids: list[int]):
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx, self.max_norm, self.norm_type = base.padding_idx, base.max_norm, base.norm_type
+        self.scale_grad_by_freq, self.sparse = base.scale_grad_by_freq, base.sparse
+        self.weight = base.weight
+        self.adapters_enabled = True
+        self.register_buffer("lora_token_ids", torch.tensor(token_ids, dtype=torch.long, device=base.weight.device))
+        self.lora_token_delta = nn.Parameter(torch.zeros(len(token_ids), self.embedding_dim, device=base.weight.device,
+                                                         dtype=base.weight.dtype))
+
+    def effective_weight(self) -> torch.Tensor:
+        if not self.adapters_enabled:
+            return self.weight
+        return self.weight.index_add(0, self.lora_token_ids, self.lora_token_delta)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.effective_weight())
+
+
+class LoraRowsLinear(nn.Linear):
+    """The output head with trainable deltas on some rows: its own (untied head), or the embedding's (tied)."""
+
+    def __init__(self, base: nn.Linear, token_ids: list[int], tied_to: LoraEmbedding | None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        self.adapters_enabled = True
+        self._tied = [tied_to] if tied_to is not None else []  # a list: not a registered submodule
+        if tied_to is None:
+            self.register_buffer("lora_token_ids", torch.tensor(token_ids, dtype=torch.long, device=base.weight.device))
+            self.lora_token_delta = nn.Parameter(torch.zeros(len(token_ids), self.in_features,
+                                                             device=base.weight.device, dtype=base.weight.dtype))
+
+    def effective_weight(self) -> torch.Tensor:
+        if self._tied:
+            return self._tied[0].effective_weight()
+        if not self.adapters_enabled:
+            return self.weight
+        return self.weight.index_add(0, self.lora_token_ids, self.lora_token_delta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
 def _attn_names(attn: nn.Module) -> list[str]:
     return [n for n in ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo") if hasattr(attn, n)]
 
@@ -169,6 +220,14 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
                 ex.register_parameter(f"{n}_lora_A", nn.Parameter(a.to(w.device, w.dtype)))
                 ex.register_parameter(f"{n}_lora_B", nn.Parameter(torch.zeros(E, out_dim, cfg.rank, device=w.device, dtype=w.dtype)))
             adapted.append(f"layers.{i}.ffn.experts")
+    if cfg.token_ids:
+        bad_ids = [i for i in cfg.token_ids if not 0 <= i < model.embed.num_embeddings]
+        if bad_ids:
+            raise DskError(f"LoRA token id {bad_ids[0]} is outside the vocabulary of {model.embed.num_embeddings}")
+        tied = model.head.weight is model.embed.weight
+        model.embed = LoraEmbedding(model.embed, cfg.token_ids)
+        model.head = LoraRowsLinear(model.head, cfg.token_ids, model.embed if tied else None)
+        adapted += ["embed", "head"]
     if not adapted:
         raise DskError(f"LoRA targets {list(cfg.targets)} match no module of this model (e.g. 'experts' on a dense model)")
     cfg.modules = adapted
@@ -176,7 +235,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
 
 
 def is_adapter_param(name: str) -> bool:
-    return "lora_A" in name or "lora_B" in name
+    return "lora_" in name
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -204,6 +263,23 @@ def merge_lora(model: nn.Module) -> int:
                     plain.bias = child.bias
                 setattr(parent, name, plain)
                 merged += 1
+            elif isinstance(child, (LoraEmbedding, LoraRowsLinear)) and not getattr(child, "_tied", None):
+                if isinstance(child, LoraEmbedding):
+                    plain = nn.Embedding(child.num_embeddings, child.embedding_dim, device=child.weight.device,
+                                         dtype=child.weight.dtype)
+                else:
+                    plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device=child.weight.device, dtype=child.weight.dtype)
+                    plain.bias = child.bias
+                child.weight.data.index_add_(0, child.lora_token_ids, child.lora_token_delta.data.to(child.weight.dtype))
+                plain.weight = child.weight  # the same Parameter, so a tied head stays tied
+                setattr(parent, name, plain)
+                merged += 1
+            elif isinstance(child, LoraRowsLinear):  # tied head: its rows are the embedding's
+                plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                  device=child.weight.device, dtype=child.weight.dtype)
+                plain.weight, plain.bias = child.weight, child.bias
+                setattr(parent, name, plain)
         if isinstance(parent, LoraExperts):
             for n in ("w1", "w2", "w3"):
                 w = getattr(parent, n)

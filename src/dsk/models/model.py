@@ -118,14 +118,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.causal = cfg.causal
 
-    def forward(self, x, cos, sin, positions, layer_cache: dict | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
-            mask, causal = None, self.causal
+            mask, causal = (None, self.causal) if attn_mask is None else (attn_mask, False)
         else:
             rows = torch.arange(B, device=x.device)
             kv_len = int(positions.max()) + 1
@@ -168,7 +168,7 @@ class MLA(nn.Module):
         self.scale = qk_head_dim**-0.5
         self.causal = cfg.causal
 
-    def forward(self, x, cos, sin, positions, layer_cache: dict | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q = q.view(B, T, self.n_heads, self.nope + self.rope).transpose(1, 2)
@@ -179,7 +179,7 @@ class MLA(nn.Module):
         kv = self.kv_norm(kv)  # [B, T, kv_lora_rank]: the cached latent
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)  # [B, T, rope]
         if layer_cache is None:
-            mask, causal = None, self.causal
+            mask, causal = (None, self.causal) if attn_mask is None else (attn_mask, False)
         else:
             rows = torch.arange(B, device=x.device)
             kv_len = int(positions.max()) + 1
@@ -383,8 +383,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim)
 
-    def forward(self, x, cos, sin, positions, layer_cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, layer_cache)
+    def forward(self, x, cos, sin, positions, layer_cache=None, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, layer_cache, attn_mask)
         if isinstance(self.ffn, MoE):
             y, counts, balance = self.ffn(self.ffn_norm(x))
             return x + y, counts, balance
@@ -455,8 +455,11 @@ class Transformer(nn.Module):
             dtype = self.embed.weight.dtype if self.embed.weight.is_floating_point() else torch.float32
         return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, device=device, dtype=dtype)
 
-    def trunk(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None):
+    def trunk(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None, attn_mask=None):
         """Run the blocks on embedded inputs h [B, T, D] at positions [B, T].
+
+        ``attn_mask`` (bool [B, 1, T, T], True = may attend) replaces the causal mask when
+        there is no cache, e.g. to keep packed sequences apart (see ``forward(segments=)``).
 
         Returns (hidden, per-layer expert counts {layer: [E]}, summed balance loss).
         """
@@ -466,9 +469,9 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.layers):
             layer_cache = cache.layers[i] if cache is not None else None
             if self.grad_checkpointing and self.training and cache is None:
-                h, c, b = checkpoint(block, h, cos, sin, positions, None, use_reentrant=False)
+                h, c, b = checkpoint(block, h, cos, sin, positions, None, attn_mask, use_reentrant=False)
             else:
-                h, c, b = block(h, cos, sin, positions, layer_cache)
+                h, c, b = block(h, cos, sin, positions, layer_cache, attn_mask)
             if c is not None:
                 counts[i] = c
                 balance = balance + b
@@ -481,20 +484,30 @@ class Transformer(nn.Module):
         *,
         cache: KVCache | None = None,
         start_pos: torch.Tensor | int | None = None,
+        segments: torch.Tensor | None = None,
     ) -> ModelOutput:
+        """Logits (and the loss for ``targets``) of ``idx`` [B, T].
+
+        ``segments`` [B, T] (no cache) marks packed sequences with one id per sequence: each
+        token attends only to earlier tokens of its own sequence, and positions restart at 0
+        at every sequence, so packing several examples in a row equals running them apart.
+        """
         B, T = idx.shape
         plain = start_pos is None and cache is None  # training/scoring from position 0
+        attn_mask = None
         if start_pos is None:
             start_pos = torch.zeros(B, dtype=torch.long, device=idx.device)
         elif isinstance(start_pos, int):
             start_pos = torch.full((B,), start_pos, dtype=torch.long, device=idx.device)
         positions = start_pos.to(idx.device).view(B, 1) + torch.arange(T, device=idx.device)
+        if segments is not None and cache is None:
+            positions, attn_mask = segment_positions_and_mask(segments)
         limit = cache.max_len if cache is not None else self.cfg.max_seq_len
         # from position 0 the check needs no device read (a host sync, and a graph break under compile)
         last = T - 1 if plain else (int(positions.max()) if T else -1)
         if last >= limit:
             raise DskError(f"sequence position {last} is beyond the limit of {limit} tokens")
-        h, counts, balance = self.trunk(self.embed(idx), positions, cache)
+        h, counts, balance = self.trunk(self.embed(idx), positions, cache, attn_mask)
         if self.training:
             for i, c in counts.items():
                 self.layers[i].ffn.load += c.detach().to(self.layers[i].ffn.load.dtype)
@@ -577,6 +590,18 @@ class Transformer(nn.Module):
                 break
         self.train(was_training)
         return idx
+
+
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence positions [B, T] and a block-diagonal causal mask [B, 1, T, T] for packed rows."""
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device).expand(B, T)
+    new = torch.ones_like(segments, dtype=torch.bool)
+    new[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    start = torch.cummax(torch.where(new, idx, torch.zeros_like(idx)), dim=1).values
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return idx - start, mask.unsqueeze(1)
 
 
 def sample_next(
