@@ -30,11 +30,11 @@ import torch.nn as nn
 
 
 def absorbed_forward(self: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                     layer_cache: dict | None) -> torch.Tensor:
+                     layer_cache: dict | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``MLA.forward`` with the absorbed form for cached one-token steps; else the original."""
     B, T, _ = x.shape
-    if layer_cache is None or T != 1:
-        return type(self).forward(self, x, cos, sin, positions, layer_cache)
+    if layer_cache is None or T != 1 or attn_mask is not None:
+        return type(self).forward(self, x, cos, sin, positions, layer_cache, attn_mask)
     from dsk.models.model import _write, apply_rope, cache_mask
 
     q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
