@@ -169,3 +169,6 @@ def print_summary(report: dict[str, Any]) -> None:
         table.add_row(row["step"], row["stage"], row.get("id", ""), status, f"{row.get('seconds', 0):.2f}", metric)
     console.console.print(table)
     console.console.print(f"total {report['seconds']:.2f}s")
+    for row in report["steps"]:
+        if row["stage"] == "report" and row.get("path"):
+            console.console.print(f"report: {row['path']}/report.html")
