@@ -180,7 +180,9 @@ def _section(art: Artifact, params) -> str:
     parts = [f'<section id="{art.stage}-{art.id}"><h2>{html.escape(art.stage)} <code>{art.id}</code> '
              f'<small>{html.escape(art.kind)} · {human_size(art.manifest.get("size_bytes", 0))} · '
              f'{art.manifest.get("duration_s", 0):.1f}s</small></h2>']
-    parts.append(_kv_table(art.params, "params"))
+    params_table = _kv_table(art.params)
+    if params_table:
+        parts.append(f"<details><summary>params ({len(art.params)})</summary>{params_table}</details>")
     metrics = art.metrics
     if metrics:
         parts.append(_kv_table(metrics, "metrics"))
