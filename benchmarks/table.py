@@ -41,11 +41,11 @@ sys.path.insert(0, str(HERE.parent / "src"))
 warnings.filterwarnings("ignore")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-TABLES = ("breast_cancer", "wine", "make_classification", "digits")
+TABLES = ("wine", "breast_cancer", "make_classification", "digits")
 CLEAN = {"outlier_action": "clip", "label_issues": "off", "impute": "median"}
 FEATURIZE = {"n_estimators": 50, "umap_components": 2, "umap_epochs": 100, "cv_folds": 3, "val_fraction": 0.1}
 MODEL = {"dim": 32, "n_layers": 2, "n_heads": 2, "n_routed_experts": 4, "n_activated_experts": 2,
-         "moe_inter_dim": 32, "epochs": 150, "patience": 20, "batch_size": 128, "lr": 0.002, "threads": 2}
+         "moe_inter_dim": 32, "epochs": 80, "patience": 12, "batch_size": 128, "lr": 0.002, "threads": 1}
 QUICK_MODEL = {**MODEL, "epochs": 40, "patience": 8}
 
 
@@ -196,7 +196,7 @@ def main(argv: list[str]) -> int:
         (out / f"{args.name}.md").write_text(markdown(summary, meta))
         print((out / f"{args.name}.md").read_text())
         return 0
-    tables = args.tables or (["breast_cancer", "wine"] if args.quick else list(TABLES))
+    tables = args.tables or (["wine", "breast_cancer"] if args.quick else list(TABLES))
     folds = args.folds or (3 if args.quick else 5)
     model_params = QUICK_MODEL if args.quick else MODEL
     out.mkdir(parents=True, exist_ok=True)
