@@ -147,11 +147,13 @@ def summarize(rows: list[dict]) -> pd.DataFrame:
 
 
 def markdown(summary: pd.DataFrame, meta: dict) -> str:
-    lines = [f"5-fold CV ({meta['folds']} folds run), {meta['machine']}; fit seconds are per fold, wall clock.", "",
-             "| table | features | model | ROC-AUC | accuracy | fit s/fold |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [f"{meta['folds']}-fold CV (column `folds`: how many of them ran), {meta['machine']}; "
+             f"fit seconds are per fold, wall clock.", "",
+             "| table | features | model | ROC-AUC | accuracy | fit s/fold | folds |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in summary.itertuples():
         lines.append(f"| {r.table} | {r.features} | {r.model} | {r.auc_mean:.4f} ± {r.auc_std:.4f} | "
-                     f"{r.acc_mean:.4f} ± {r.acc_std:.4f} | {r.seconds:.2f} |")
+                     f"{r.acc_mean:.4f} ± {r.acc_std:.4f} | {r.seconds:.2f} | {r.folds} |")
     lines += ["", "| table | features | dsk AUC − GBM AUC | within 0.005 or better? |", "| --- | --- | --- | --- |"]
     for (table, arm), grp in summary.groupby(["table", "features"], sort=False):
         by = grp.set_index("model")["auc_mean"]
