@@ -28,7 +28,7 @@ class TableParams(StageParams):
     patience: int = Field(20, ge=1, description="Stop when validation AUC has not improved for this many epochs.")
     auc_tolerance: float = Field(
         0.005, ge=0, le=0.1, description="Validation AUCs within this of the best count as ties, settled by the lower validation loss.")
-    batch_size: int = Field(128, ge=1, description="Rows per step.")
+    batch_size: int = Field(128, ge=1, description="Rows per step (capped so that an epoch has at least 8 steps on small tables).")
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant after a one-epoch warmup).")
     weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay on matrices.")
     val_fraction: float = Field(0.15, gt=0, lt=0.9, description="Stratified share of rows held out for early stopping.")

@@ -114,6 +114,26 @@ def build(ctx: StageContext) -> None:
     ctx.key_metric = "val_auc"
     ctx.log.info(f"table classifier: {model.num_params():,} params, best val AUC {result.best_val_auc:.4f} "
                  f"(accuracy {result.best_val_accuracy:.4f}) at epoch {result.best_epoch}/{result.epochs}")
+    print_summary(ctx.metrics, classes)
+
+
+def print_summary(metrics: dict[str, Any], classes: list[Any]) -> None:
+    from dsk import console
+
+    if console.is_quiet():
+        return
+    from rich.table import Table
+
+    t = Table(title="pretrain (table classifier)", title_justify="left", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("")
+    t.add_row("rows", f"{metrics['n_train']:,} train, {metrics['n_val']:,} validation")
+    t.add_row("features / classes", f"{metrics['n_features']} / {len(classes)} ({', '.join(map(str, classes[:10]))})")
+    t.add_row("parameters", f"{metrics['n_params']:,}")
+    t.add_row("validation", f"ROC-AUC {metrics['val_auc']:.4f}, accuracy {metrics['val_accuracy']:.4f}, "
+              f"loss {metrics['val_loss']:.4f}")
+    t.add_row("epochs", f"best {metrics['best_epoch']} of {metrics['epochs']} ({metrics['stopped_by']})")
+    console.console.print(t)
 
 
 # --------------------------------------------------------------------------- quantize / export

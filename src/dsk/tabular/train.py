@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from dsk.tabular.model import TableClassifier, TableConfig
 from dsk.tabular.params import TableParams
 
+MIN_STEPS_PER_EPOCH = 8
+
 
 @dataclass
 class FitResult:
@@ -42,6 +44,7 @@ class FitResult:
     n_train: int = 0
     n_val: int = 0
     class_weights: list[float] = field(default_factory=list)
+    batch_size: int = 0
 
 
 def roc_auc(y: np.ndarray, proba: np.ndarray) -> float:
@@ -130,10 +133,13 @@ def fit(
     no_decay = [p for n, p in model.named_parameters() if not any(p is q for q in decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": params.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=params.lr)
-    steps_per_epoch = max(1, -(-len(tr) // params.batch_size))
+    # small tables: cap the batch so an epoch is still at least MIN_STEPS_PER_EPOCH steps
+    batch_size = max(1, min(params.batch_size, -(-len(tr) // MIN_STEPS_PER_EPOCH)))
+    steps_per_epoch = max(1, -(-len(tr) // batch_size))
     warmup = steps_per_epoch
 
-    result = FitResult(model=model, n_train=len(tr), n_val=len(va), class_weights=[float(v) for v in w])
+    result = FitResult(model=model, n_train=len(tr), n_val=len(va), class_weights=[float(v) for v in w],
+                       batch_size=batch_size)
     best_state: dict[str, torch.Tensor] | None = None
     best_key = (-np.inf, -np.inf)
     since_best = 0
@@ -142,8 +148,8 @@ def fit(
         model.train()
         order = tr[np_rng.permutation(len(tr))]
         total, seen = 0.0, 0
-        for s in range(0, len(order), params.batch_size):
-            b = torch.as_tensor(order[s:s + params.batch_size])
+        for s in range(0, len(order), batch_size):
+            b = torch.as_tensor(order[s:s + batch_size])
             if len(b) < 2 and len(order) > 1:
                 continue  # a single-row batch gives a noisy step; the next epoch reshuffles
             lr = params.lr * min(1.0, (step + 1) / warmup)
