@@ -303,3 +303,21 @@ def test_table_export_formats_other_than_onnx_are_errors(tables):
 
     with pytest.raises(DskError, match="onnx only"):
         export.run(source=tables["model"].artifact.id, params=export.Params(format="hf"), store=tables["store"])
+
+
+def test_dsk_eval_on_table_models(tables, cli, monkeypatch):
+    """`dsk eval` on a table model (its validation rows) and on its ONNX export with --data."""
+    import json as _json
+
+    monkeypatch.setenv("DSK_HOME", str(tables["store"].root))
+    code, out, err = cli("eval", tables["model"].artifact.id, "--json")
+    assert code == 0, err
+    summary = _json.loads(out)
+    assert summary["kind"] == "eval" and 0.5 <= summary["metrics"]["roc_auc"] <= 1.0
+    assert sorted(p.name for p in Path(summary["path"]).iterdir()) == [
+        "calibration.json", "calibration.png", "log.txt", "manifest.json"]
+    code, out, err = cli("eval", tables["onnx"].artifact.id, "--data", str(tables["csv"]), "--json")
+    assert code == 0, err
+    assert 0.5 <= _json.loads(out)["metrics"]["roc_auc"] <= 1.0
+    code, _, err = cli("eval", tables["model"].artifact.id, "--data", "nope.csv")
+    assert code == 2 and "nope.csv" in err
