@@ -496,7 +496,14 @@ def test_cli_serve_smoke_test(cli, model_artifact):
     code, out, err = cli("serve", "--smoke-test", "--json")
     assert code == 0, err
     result = json.loads(out)
-    assert result["ok"] is True and result["status"] == 200 and result["completion_tokens"] >= 1
+    # the passed test is an artifact in the model's lineage: unchanged, it is not run again
+    assert result["cached"] is True and result["kind"] == "smoke-test"
+    assert result["metrics"]["ok"] is True and result["metrics"]["status"] == 200
+    assert result["metrics"]["completion_tokens"] >= 1
+    smoke = json.loads((Path(result["path"]) / "smoke.json").read_text())
+    assert smoke["ok"] is True and smoke["finish_reason"] in ("stop", "length")
+    code, out, err = cli("serve", "--smoke-test", "--force", "--json")
+    assert code == 0 and json.loads(out)["cached"] is False
 
 
 def test_smoke_test_function(model_dir):

@@ -52,26 +52,26 @@ def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
 
 
 def run(*, source=None, params: Params, seed: int = 0, force: bool = False, store: Store | None = None) -> None:
-    from dsk.serving.auth import collect_keys
-    from dsk.serving.server import serve_forever
-
     store = store or Store.open()
     art = resolve_model(store, source)
     if art.kind in ("table-model", "table-onnx"):  # issue 12
         from dsk.tabular.serving import serve_table
 
         return serve_table(art, params)
+    if params.smoke_test:
+        # recorded as a small artifact in the model's lineage: the same model, serve settings and
+        # code are not started again on a rerun (a cache hit that says so; --force reruns it)
+        from dsk.runtime import run_stage
+
+        return run_stage(stage="serve", params=params, inputs=[art], build="dsk.serve.smoke:build",
+                         seed=seed, force=force, store=store)
+    from dsk.serving.auth import collect_keys
+    from dsk.serving.server import serve_forever
+
     if params.threads:
         import torch
 
         torch.set_num_threads(params.threads)
-    if params.smoke_test:
-        from dsk.serving.smoke import smoke_test
-
-        result = smoke_test(art.path, device=params.device)
-        console.info(f"[green]smoke test passed[/green]: {art.stage} {art.id} answered "
-                     f"{result['completion_tokens']} tokens in {result['latency_s']:.2f}s")
-        return result
     keys = collect_keys(params.api_key, dict(os.environ))
     app, engine, config = build_app(art, params, api_keys=keys)
     console.info(
