@@ -411,6 +411,19 @@ class Store:
                 node["inputs"].append({"raw": inp})
         return node
 
+    def nearest_ancestor(self, artifact: Artifact, kinds: set[str], *, include_self: bool = True) -> Artifact | None:
+        """The closest artifact of one of ``kinds`` in ``artifact``'s lineage, breadth first."""
+        queue, seen = [artifact], set()
+        while queue:
+            art = queue.pop(0)
+            if art.id in seen:
+                continue
+            seen.add(art.id)
+            if art.kind in kinds and (include_self or art is not artifact):
+                return art
+            queue.extend(p for p in (self.find_by_id(i) for i in art.input_ids) if p is not None)
+        return None
+
     def ancestors(self, artifact: Artifact) -> set[str]:
         seen: set[str] = set()
         by_id = {a.id: a for a in self.iter_artifacts()}

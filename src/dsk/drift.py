@@ -35,22 +35,6 @@ class Thresholds:
     unknown_byte_rate: float = 0.01
 
 
-def _find_in_lineage(store: Store, start: Artifact, wanted: set[str]) -> Artifact | None:
-    stack, seen = [start], set()
-    while stack:
-        art = stack.pop(0)
-        if art.id in seen:
-            continue
-        seen.add(art.id)
-        if art.kind in wanted:
-            return art
-        for aid in art.input_ids:
-            parent = store.find_by_id(aid)
-            if parent is not None:
-                stack.append(parent)
-    return None
-
-
 def psi(reference: np.ndarray, current: np.ndarray, bins: int = 10) -> float:
     """Population stability index over reference-quantile bins (eps-smoothed)."""
     reference = reference[np.isfinite(reference)]
@@ -202,8 +186,8 @@ def run_drift(*, reference: str, current: str, thresholds: Thresholds = Threshol
     current_path = Path(current)
     if not current_path.exists():
         raise DskError(f"current data {current!r} does not exist; check the path")
-    table = _find_in_lineage(store, ref_art, {"table"})
-    tokens = _find_in_lineage(store, ref_art, {"tokens"})
+    table = store.nearest_ancestor(ref_art, {"table"})
+    tokens = store.nearest_ancestor(ref_art, {"tokens"})
     if tokens is not None and current_path.suffix.lower() not in (".csv",) and (table is None or current_path.suffix.lower() in (".txt", ".jsonl") or current_path.is_dir()):
         result = text_drift(tokens, current_path, thresholds)
     elif table is not None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -109,19 +108,7 @@ def evaluate_lm(
 
 def find_tokens_artifact(store: Store, artifact: Artifact) -> Artifact | None:
     """The nearest `tokens` artifact (featurize output) among ``artifact``'s inputs, breadth first."""
-    queue, seen = deque([artifact]), set()
-    while queue:
-        art = queue.popleft()
-        if art.id in seen:
-            continue
-        seen.add(art.id)
-        if art.kind == "tokens" and art is not artifact:
-            return art
-        for aid in art.input_ids:
-            parent = store.find_by_id(aid)
-            if parent is not None:
-                queue.append(parent)
-    return None
+    return store.nearest_ancestor(artifact, {"tokens"}, include_self=False)
 
 
 def decode_tokens_per_s(
