@@ -85,3 +85,34 @@ def build_model_without_data(ctx) -> None:
     torch.manual_seed(0)
     save_model(Transformer(ModelConfig.preset(ctx.params.preset, vocab_size=256, max_seq_len=128)), ctx.out)
     ctx.kind = "model"
+
+
+# ---- fixtures shared by test_quantize.py and test_export.py (import them by name)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dsk.artifacts import Store  # noqa: E402
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared: one thread is faster than two contending
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tokens artifact and a tiny MLA+MoE model trained briefly on the sample text (shared)."""
+    store = Store.open(tmp_path_factory.mktemp("dskhome"))
+    tokens = make_tokens(store, 30_000)
+    model = make_model(store, tokens, steps=15)
+    return store, tokens, model
+
+
+@pytest.fixture
+def shared_cli(cli, trained, monkeypatch):
+    store, _, _ = trained
+    monkeypatch.setenv("DSK_HOME", str(store.root))
+    return cli

@@ -23,28 +23,8 @@ from dsk.models.quant import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machine is shared: one thread is faster than two contending
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tokens artifact and a tiny MLA+MoE model trained briefly on the sample text (shared)."""
-    store = Store.open(tmp_path_factory.mktemp("dskhome"))
-    tokens = helpers.make_tokens(store, 30_000)
-    model = helpers.make_model(store, tokens, steps=15)
-    return store, tokens, model
-
-
-@pytest.fixture
-def shared_cli(cli, trained, monkeypatch):
-    store, _, _ = trained
-    monkeypatch.setenv("DSK_HOME", str(store.root))
-    return cli
+# module fixtures (one torch thread, a briefly trained tiny model, a CLI on its store)
+from quantize_helpers import _one_thread, shared_cli, trained  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- units
