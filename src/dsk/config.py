@@ -10,6 +10,7 @@ defaults, a pipeline file or ``--config`` file, ``--set key=value`` and explicit
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
@@ -33,6 +34,21 @@ def parse_scalar(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+
+
+def load_yaml_file(path: str | Path, *, what: str, hint: str = "", yaml_kind: str = "YAML") -> Any:
+    """Parse a user's YAML file with the safe loader; a missing or broken file is one line naming it.
+
+    ``what`` names the file for the message ("config file", "pipeline file"); ``hint`` is
+    appended to the missing-file message to say what the file should contain.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DskError(f"{what} {str(path)!r} does not exist" + (f"; {hint}" if hint else ""))
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise DskError(f"{what} {str(path)!r} is not valid {yaml_kind}: {str(exc).splitlines()[0]}") from None
 
 
 def parse_overrides(pairs: list[str], *, where: str = "--set") -> dict[str, Any]:

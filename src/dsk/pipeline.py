@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.table import Table
 
 from dsk import console
 from dsk.artifacts import Store
-from dsk.config import StageParams, build_params, parse_overrides
+from dsk.config import StageParams, build_params, load_yaml_file, parse_overrides
 from dsk.errors import DskError
 from dsk.registry import BY_NAME
 
@@ -56,12 +55,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[dict[str
     """Parse and validate a pipeline file; every problem is one line naming file and key."""
     path = Path(path)
     where = str(path)
-    if not path.is_file():
-        raise DskError(f"pipeline file {where!r} does not exist; see pipelines/ for examples")
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DskError(f"{where}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    doc = load_yaml_file(path, what="pipeline file", hint="see pipelines/ for examples")
     if not isinstance(doc, dict) or not isinstance(doc.get("steps"), list):
         raise DskError(f"{where}: expected a mapping with a 'steps' list")
     unknown = set(doc) - FILE_KEYS

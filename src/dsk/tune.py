@@ -25,7 +25,7 @@ import yaml
 
 from dsk import console, tracking
 from dsk.artifacts import Store, canonical_json
-from dsk.config import build_params, parse_overrides, parse_scalar
+from dsk.config import build_params, load_yaml_file, parse_overrides, parse_scalar
 from dsk.errors import DskError
 from dsk.registry import spec
 
@@ -196,12 +196,7 @@ def run_tune(
 def load_override_file(path: str | Path) -> list[str]:
     """Read a ``{step: {param: value}}`` YAML file as ``step.param=value`` overrides."""
     p = Path(path)
-    if not p.is_file():
-        raise DskError(f"overrides file {str(p)!r} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DskError(f"overrides file {str(p)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_yaml_file(p, what="overrides file") or {}
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise DskError(f"overrides file {str(p)!r} must map step names to {{param: value}}")
     return [f"{step}.{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"

@@ -22,6 +22,7 @@ from dsk import console
 from dsk.artifacts import Artifact, RawInput, Store
 from dsk.augment.params import Params
 from dsk.data.augment_ops import Augmenter, compose, parse_ops
+from dsk.config import load_yaml_file
 from dsk.errors import DskError
 from dsk.runtime import StageContext, resolve_inputs, run_stage
 
@@ -53,15 +54,8 @@ def _load_ops(params: Params) -> Params:
     """Inline an ops file so its content (not its path) is part of the cache key."""
     if not isinstance(params.ops, str):
         return params
-    import yaml
-
-    path = Path(params.ops)
-    if not path.is_file():
-        raise DskError(f"ops file {params.ops!r} does not exist; pass a JSON/YAML list of {{type, params, p}}")
-    try:
-        ops = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise DskError(f"ops file {params.ops!r} is not valid JSON/YAML: {str(exc).splitlines()[0]}") from None
+    ops = load_yaml_file(params.ops, what="ops file", yaml_kind="JSON/YAML",
+                         hint="pass a JSON/YAML list of {type, params, p}")
     if isinstance(ops, dict) and "ops" in ops:
         ops = ops["ops"]
     parse_ops(ops, where=f"ops file {params.ops}")

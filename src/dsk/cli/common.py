@@ -22,7 +22,7 @@ import typer
 import yaml
 
 from dsk import console, tracking
-from dsk.config import StageParams, build_params, parse_overrides
+from dsk.config import StageParams, build_params, load_yaml_file, parse_overrides
 from dsk.errors import DskError, NotImplementedStage
 from dsk.registry import spec
 
@@ -70,12 +70,7 @@ def _cli_type(name: str, annotation: Any) -> tuple[Any, Callable[[Any], Any]]:
 def load_config_file(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
-    if not path.is_file():
-        raise DskError(f"config file {str(path)!r} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DskError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = load_yaml_file(path, what="config file") or {}
     if not isinstance(data, dict):
         raise DskError(f"config file {str(path)!r} must be a mapping of param: value")
     return data
