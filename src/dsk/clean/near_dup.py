@@ -5,9 +5,14 @@ whose fingerprints differ in at most k bits are near-duplicates. The index follo
 and Das Sarma (2007): split the 64 bits into b blocks; two fingerprints within distance k agree
 exactly on at least b-k blocks, so one sorted table per choice of b-k blocks finds every such
 pair by grouping on those bits, and the cost grows near-linearly with the corpus instead of
-comparing all pairs. Pairs found are clustered with union-find.
+comparing all pairs. A second, independent fingerprint confirms each pair (verify_pairs).
+Pairs found are clustered with union-find.
 
-    $ dsk clean data/raw --method simhash --simhash-k 3 --shingle-size 2
+Fingerprints are computed a batch at a time with numpy (one byte buffer per batch, no Python
+work per word); the index sorts with numpy and scans runs of equal keys with a small numba
+kernel. benchmarks/clean_dedup.py measures both against datasketch's MinHashLSH.
+
+    $ dsk clean data/raw --method simhash --simhash-k 10 --simhash-verify 22 --shingle-size 1
 """
 
 from __future__ import annotations
@@ -251,7 +256,10 @@ def _scan_kernel() -> Callable[..., int]:
     module or running MinHash does not pay for numba."""
     import numba
 
-    return numba.njit(cache=True, nogil=True)(_close_pairs_in_runs)
+    kernel = numba.njit(cache=True, nogil=True)(_close_pairs_in_runs)
+    one = np.zeros(1, np.uint64)
+    kernel(one, one, one, 0, one.copy())  # compile (or load) now, not in the first of several threads
+    return kernel
 
 
 def _block_bounds(n_blocks: int) -> np.ndarray:
@@ -312,7 +320,7 @@ def simhash_pairs(fingerprints: np.ndarray, k: int, n_blocks: int, threads: int 
         widths = np.diff(bounds)
         block_values = [(uniq >> np.uint64(lo)) & np.uint64((1 << int(w)) - 1) for lo, w in zip(bounds[:-1], widths)]
         tables = list(itertools.combinations(range(n_blocks), n_blocks - k))
-        _scan_kernel()  # compile (or load) once, before the threads start
+        _scan_kernel()
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
                 found = list(pool.map(lambda chosen: _table_pairs(uniq, block_values, widths, chosen, k), tables))
