@@ -49,7 +49,7 @@ class Params(StageParams):
     minhash_threshold: float = Field(0.8, gt=0, le=1, description="MinHash: Jaccard similarity at or above which documents are duplicates.")
     minhash_perms: int = Field(128, ge=16, le=1024, description="MinHash: number of permutations.")
     near_dup_min_words: int = Field(5, ge=1, description="Only documents with at least this many words take part in near-dup detection (short ones: exact dedup only).")
-    workers: int = Field(0, ge=0, le=256, description="Processes for fingerprinting; 0 uses every core.")
+    workers: int = Field(0, ge=0, le=256, description="Processes for fingerprinting (and threads for the SimHash index); 0 uses every core.")
 
     # ---- tables
     label: Optional[str] = Field(None, description="Label column of a table (enables label-issue detection); it is never scaled or outlier-checked.")
