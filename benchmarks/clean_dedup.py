@@ -181,13 +181,14 @@ def main() -> int:
     base = next(r["docs_per_s"] for r in rows if r["method"].startswith("MinHashLSH s=1"))
     for r in rows:
         r["x_minhash"] = round(r["docs_per_s"] / base, 1)
+        r["x_minhash_1proc"] = round(r["docs_per_s_1proc"] / base, 1)
     result = {"docs": len(docs), "planted_pairs": len(truth), "edit_rates": EDIT_RATES, "workers": workers,
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
               "index_kernel_compile_or_load_s": round(kernel_s, 2), "rows": rows}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "clean_dedup.json").write_text(json.dumps(result, indent=2))
-    cols = ["method", "precision"] + [f"recall@{r:.0%}" for r in EDIT_RATES] + ["recall<=10%", "pairs", "docs_per_s", "docs_per_s_1proc", "x_minhash"]
+    cols = ["method", "precision"] + [f"recall@{r:.0%}" for r in EDIT_RATES] + ["recall<=10%", "pairs", "docs_per_s", "docs_per_s_1proc", "x_minhash", "x_minhash_1proc"]
     md = [f"clean_dedup: {len(docs):,} docs, {len(truth):,} planted near-duplicate pairs ({workers} worker processes; "
           f"load average {result['load_average_before_after'][0]} before, {result['load_average_before_after'][1]} after)", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -81,11 +81,11 @@ def test_simhash_index_threads_and_wide_keys_match_brute_force():
             fp ^= np.uint64(1) << np.uint64(int(b))
         planted.append(fp)
     fps = np.concatenate([base, np.array(planted, np.uint64)])
-    for k, blocks, threads in [(10, 13, 2), (10, 13, 1), (2, 13, 2)]:
-        got = near_dup.simhash_pairs(fps, k, blocks, threads=threads)
+    for k, blocks, threads, compiled in [(10, 13, 2, True), (10, 13, 1, False), (10, 13, 2, False), (2, 13, 2, True)]:
+        got = near_dup.simhash_pairs(fps, k, blocks, threads=threads, compiled=compiled)  # numba or numpy scan
         brute = [(i, j) for i in range(len(fps)) for j in range(i + 1, len(fps))
                  if bin(int(fps[i]) ^ int(fps[j])).count("1") <= k]
-        assert got.tolist() == [list(p) for p in brute], (k, blocks, threads)  # sorted rows
+        assert got.tolist() == [list(p) for p in brute], (k, blocks, threads, compiled)  # sorted rows
         assert len(brute) > (1000 if k == 10 else 20)
 
 

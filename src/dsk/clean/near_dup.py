@@ -89,7 +89,7 @@ def shingle_hashes(word_hashes: np.ndarray, doc_lengths: np.ndarray, shingle_siz
 # Fingerprinting is vectorised over a whole batch: the batch is one UTF-8 buffer, words are runs
 # of non-separator bytes found with one comparison, and each word is hashed from 8-byte loads at
 # its start (an unaligned uint64 view of the buffer), so Python does O(1) work per batch, not per
-# word. 3-4x faster than per-document str.split + pandas hashing (docs/clean.md).
+# word: 5-6x faster than per-document str.split + pandas hashing (docs/clean.md).
 
 # bytes.translate table: ASCII letters lower-cased; ASCII punctuation, whitespace and control
 # characters become the separator (a space), exactly the words of words_of() for ASCII text
@@ -130,7 +130,7 @@ def word_hashes_batch(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     starts, ends = edges[0::2], edges[1::2]
     n_bytes = ends - starts
     # uint64 load at every byte offset (unaligned, strides of one byte: a view, no copy)
-    load = np.ndarray(shape=(len(buf) - 7,), dtype=np.uint64, buffer=buf, strides=(1,))
+    load = np.ndarray(shape=(len(buf) - 7,), dtype=np.dtype("<u8"), buffer=buf, strides=(1,))
     # little-endian load: the first byte is the low byte, bytes past the word are masked off;
     # words hold no zero byte, so distinct words of <= 8 bytes give distinct values
     h = load[starts] & _LOW_BYTES[np.minimum(n_bytes, 8)]
@@ -157,7 +157,7 @@ def simhash_fingerprints(texts: Sequence[str], shingle_size: int, n_fingerprints
     out = np.zeros((n, n_fingerprints), np.uint64)
     if n == 0:
         return out
-    if n >= 1 << 23:  # the document number must fit the 24 bits of the sort key below
+    if n >= 1 << 24:  # the document number must fit the 24 bits of the sort key below
         half = n // 2
         return np.concatenate([simhash_fingerprints(texts[:half], shingle_size, n_fingerprints),
                                simhash_fingerprints(texts[half:], shingle_size, n_fingerprints)])
@@ -250,6 +250,29 @@ def _close_pairs_in_runs(key_sorted: np.ndarray, fp_sorted: np.ndarray, order: n
     return found
 
 
+def _close_pairs_in_runs_numpy(key_sorted: np.ndarray, fp_sorted: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+    """The same scan as array passes, for small inputs, where loading numba (~1 s once per
+    process) costs more than it saves: compare each element with the one d places further in
+    its run, d = 1, 2, ..., on the shrinking set of elements whose run reaches that far."""
+    n = len(key_sorted)
+    breaks = np.flatnonzero(key_sorted[1:] != key_sorted[:-1]) + 1
+    run_ends = np.append(breaks, n)
+    remaining = np.repeat(run_ends, np.diff(run_ends, prepend=0)) - np.arange(n)  # to the run's end
+    first, second = [], []
+    cand = np.flatnonzero(remaining > 1)
+    d = 1
+    while cand.size:
+        close = cand[np.bitwise_count(fp_sorted[cand] ^ fp_sorted[cand + d]) <= k]
+        first.append(close)
+        second.append(close + d)
+        d += 1
+        cand = cand[remaining[cand] > d]
+    if not first:
+        return np.zeros(0, np.uint64)
+    a, b = order[np.concatenate(first)], order[np.concatenate(second)]
+    return (np.minimum(a, b) << np.uint64(32)) | np.maximum(a, b)
+
+
 @functools.cache
 def _scan_kernel() -> Callable[..., int]:
     """The numba-compiled run scan; compiled on first use (cached on disk), so importing this
@@ -267,7 +290,7 @@ def _block_bounds(n_blocks: int) -> np.ndarray:
 
 
 def _table_pairs(uniq: np.ndarray, block_values: list[np.ndarray], widths: np.ndarray,
-                 chosen: tuple[int, ...], k: int) -> np.ndarray:
+                 chosen: tuple[int, ...], k: int, compiled: bool) -> np.ndarray:
     """Pairs within k bits among the fingerprints that agree on the ``chosen`` blocks (one table),
     as uint64 codes (i << 32) | j, i < j, of positions in ``uniq``."""
     n = len(uniq)
@@ -282,6 +305,8 @@ def _table_pairs(uniq: np.ndarray, block_values: list[np.ndarray], widths: np.nd
     order = packed & np.uint64(0xFFFFFFFF)
     key_sorted = packed >> np.uint64(32)
     fp_sorted = uniq[order.astype(np.intp)]
+    if not compiled:
+        return _close_pairs_in_runs_numpy(key_sorted, fp_sorted, order, k)
     scan = _scan_kernel()
     out = np.empty(1 << 14, np.uint64)
     found = scan(key_sorted, fp_sorted, order, k, out)
@@ -291,14 +316,19 @@ def _table_pairs(uniq: np.ndarray, block_values: list[np.ndarray], widths: np.nd
     return out[:found].copy()
 
 
-def simhash_pairs(fingerprints: np.ndarray, k: int, n_blocks: int, threads: int = 1) -> np.ndarray:
+_COMPILED_SCAN_MIN = 50_000  # distinct fingerprints from which the numba scan pays for loading numba
+
+
+def simhash_pairs(fingerprints: np.ndarray, k: int, n_blocks: int, threads: int = 1,
+                  compiled: bool | None = None) -> np.ndarray:
     """All index pairs (i, j), i < j, whose fingerprints differ in at most ``k`` bits.
 
     One table per choice of ``n_blocks - k`` blocks: sorting by those bits puts every pair
     within distance k next to each other in at least one table (pigeonhole), so only runs of
     equal keys are compared. Identical fingerprints are collapsed first so that a big cluster
     of exact copies costs nothing. ``threads`` > 1 builds tables in parallel threads (numpy's
-    sort and the compiled scan release the GIL). Rows come back sorted.
+    sort and the compiled scan release the GIL). ``compiled``: scan runs with the numba kernel
+    (default: from 50,000 distinct fingerprints) or with numpy. Rows come back sorted.
     """
     fps = np.asarray(fingerprints, dtype=np.uint64)
     uniq, inverse = np.unique(fps, return_inverse=True)
@@ -320,12 +350,15 @@ def simhash_pairs(fingerprints: np.ndarray, k: int, n_blocks: int, threads: int 
         widths = np.diff(bounds)
         block_values = [(uniq >> np.uint64(lo)) & np.uint64((1 << int(w)) - 1) for lo, w in zip(bounds[:-1], widths)]
         tables = list(itertools.combinations(range(n_blocks), n_blocks - k))
-        _scan_kernel()
+        if compiled is None:
+            compiled = len(uniq) >= _COMPILED_SCAN_MIN
+        if compiled:
+            _scan_kernel()
         if threads > 1:
             with ThreadPoolExecutor(threads) as pool:
-                found = list(pool.map(lambda chosen: _table_pairs(uniq, block_values, widths, chosen, k), tables))
+                found = list(pool.map(lambda chosen: _table_pairs(uniq, block_values, widths, chosen, k, compiled), tables))
         else:
-            found = [_table_pairs(uniq, block_values, widths, chosen, k) for chosen in tables]
+            found = [_table_pairs(uniq, block_values, widths, chosen, k, compiled) for chosen in tables]
         codes = np.unique(np.concatenate(found))
         if codes.size:
             # map unique-fingerprint pairs back to one document each (the group's first)
