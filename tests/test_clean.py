@@ -144,7 +144,7 @@ def test_table_end_to_end(cli):
         (["{ragged}"], "ragged CSV: line 3"),
         (["{csv}", "--label", "nope"], "label column 'nope'"),
         (["{csv}", "--outlier-threshold", "-1"], "outlier_threshold"),
-        (["{csv}", "--simhash-k", "9"], "simhash_blocks"),
+        (["{csv}", "--simhash-k", "9", "--simhash-blocks", "9"], "simhash_blocks"),
         (["{empty}", "--label", "x"], "--label applies to tables"),
         (["{missing}"], "does not exist"),
     ],

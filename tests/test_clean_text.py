@@ -69,6 +69,55 @@ def test_simhash_index_finds_exactly_the_brute_force_pairs():
         assert len(brute) >= 20 * (min(k, 4) + 1) - 5
 
 
+def test_simhash_index_threads_and_wide_keys_match_brute_force():
+    # k=10 (the default) with 13 blocks, 2 threads; k=2 with 13 blocks folds 11-block keys to 32 bits
+    rng = np.random.default_rng(5)
+    base = rng.integers(0, 2**63, size=400, dtype=np.uint64)
+    base[:200] &= np.uint64(0xFFFF00000000FFFF)  # skewed blocks: long runs of equal keys
+    planted = []
+    for i in range(150):
+        fp = base[i]
+        for b in rng.choice(64, size=1 + i % 12, replace=False):  # 1..12 bits: no exact copies
+            fp ^= np.uint64(1) << np.uint64(int(b))
+        planted.append(fp)
+    fps = np.concatenate([base, np.array(planted, np.uint64)])
+    for k, blocks, threads, compiled in [(10, 13, 2, True), (10, 13, 1, False), (10, 13, 2, False), (2, 13, 2, True)]:
+        got = near_dup.simhash_pairs(fps, k, blocks, threads=threads, compiled=compiled)  # numba or numpy scan
+        brute = [(i, j) for i in range(len(fps)) for j in range(i + 1, len(fps))
+                 if bin(int(fps[i]) ^ int(fps[j])).count("1") <= k]
+        assert got.tolist() == [list(p) for p in brute], (k, blocks, threads, compiled)  # sorted rows
+        assert len(brute) > (1000 if k == 10 else 20)
+
+
+def test_batch_tokeniser_matches_words_of():
+    texts = ["Hello, World! it's", "", "  \t ", "naïve café—résumé… «quoted» Straße İstanbul\u00a0x\u3000y",
+             "a" * 30 + " " + "b" * 17 + " abcdefgh abcdefghi abcdefgh", "UPPER lower MiXeD 123 4,5 upper",
+             "tab\tnew\nline\r\nx", "ünï ÜNÏ"]
+    hashes, counts = near_dup.word_hashes_batch(texts)
+    words = [w for t in texts for w in near_dup.words_of(t)]
+    assert counts.tolist() == [len(near_dup.words_of(t)) for t in texts]
+    by_word = {}
+    for w, h in zip(words, hashes.tolist()):
+        assert by_word.setdefault(w, h) == h  # the same word hashes the same everywhere
+    assert len(set(by_word.values())) == len(by_word)  # and different words differently
+
+
+def test_simhash_vote_matches_reference_for_long_documents():
+    # > 255 distinct words: the 8-bit lane vote runs over chunks; compare with a plain bit count
+    rng = random.Random(6)
+    docs = [" ".join(f"w{rng.randint(0, 5000)}" for _ in range(n)) for n in (1, 7, 254, 255, 256, 600, 1500)]
+    fps = near_dup.simhash_fingerprints(docs, 1, 2)
+    for i, doc in enumerate(docs):
+        hashes, _ = near_dup.word_hashes_batch([doc])
+        top40 = np.unique(near_dup._mix64(hashes) >> np.uint64(24))
+        for salt in range(2):
+            h = near_dup._mix64(top40 ^ near_dup._SALTS[salt])
+            votes = np.unpackbits(h.view(np.uint8).reshape(-1, 8), axis=1, bitorder="little").sum(axis=0)
+            want = np.packbits(2 * votes > len(top40), bitorder="little").view(np.uint64)[0]
+            assert fps[i, salt] == want, (i, salt)
+    assert np.array_equal(fps[:, 1], near_dup.simhash_batch(docs, 1, salt=1))
+
+
 def test_simhash_near_duplicates_close_unrelated_far():
     rng = random.Random(1)
     vocab = vocabulary()

@@ -41,14 +41,15 @@ class Params(StageParams):
     method: Literal["simhash", "minhash"] = Field(
         "simhash", description="Near-duplicate method: 64-bit SimHash with a block-permutation index, or datasketch MinHash-LSH.")
     shingle_size: int = Field(1, ge=1, le=16, description="Words per shingle for near-duplicate fingerprints (1 = the set of words; measured best for SimHash in benchmarks/clean_dedup.py).")
-    simhash_k: int = Field(3, ge=0, le=16, description="SimHash: documents within this Hamming distance (of 64 bits) are duplicates.")
-    simhash_blocks: int = Field(6, ge=2, le=32, description="SimHash index: split fingerprints into this many blocks (> simhash_k); C(blocks, k) tables.")
+    simhash_k: int = Field(10, ge=0, le=16, description="SimHash: documents within this Hamming distance (of 64 bits) are candidate duplicates (10 finds ~95% of pairs with <= 10% of words edited; 3 only near-exact copies).")
+    simhash_blocks: Optional[int] = Field(
+        None, ge=2, le=32, description="SimHash index: split fingerprints into this many blocks (> simhash_k); C(blocks, k) sorted tables. Default simhash_k + 3: tables keyed on 3 blocks (k=10: 13 blocks, 286 tables, ~15-bit keys).")
     simhash_verify: Optional[int] = Field(
-        None, ge=0, le=128, description="SimHash: if set, a second independent 64-bit SimHash confirms each pair found within simhash_k: the distance summed over both (128 bits) must be <= this. Allows a larger k at high precision (benchmarks: k=9, verify=20).")
+        22, ge=0, le=128, description="SimHash: a second independent 64-bit SimHash confirms each pair found within simhash_k: the distance summed over both (128 bits) must be <= this (null in a config file: no second fingerprint). Lets k grow for recall at precision ~1 (benchmarks/clean_dedup.py).")
     minhash_threshold: float = Field(0.8, gt=0, le=1, description="MinHash: Jaccard similarity at or above which documents are duplicates.")
     minhash_perms: int = Field(128, ge=16, le=1024, description="MinHash: number of permutations.")
     near_dup_min_words: int = Field(5, ge=1, description="Only documents with at least this many words take part in near-dup detection (short ones: exact dedup only).")
-    workers: int = Field(0, ge=0, le=256, description="Processes for fingerprinting; 0 uses every core.")
+    workers: int = Field(0, ge=0, le=256, description="Processes for fingerprinting (and threads for the SimHash index); 0 uses every core.")
 
     # ---- tables
     label: Optional[str] = Field(None, description="Label column of a table (enables label-issue detection); it is never scaled or outlier-checked.")
@@ -77,7 +78,12 @@ class Params(StageParams):
 
     @field_validator("simhash_blocks")
     @classmethod
-    def _blocks(cls, v: int, info: ValidationInfo) -> int:
-        if v <= info.data.get("simhash_k", 0):
+    def _blocks(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and v <= info.data.get("simhash_k", 0):
             raise ValueError(f"must exceed simhash_k ({info.data['simhash_k']}): C(blocks, k) tables find every pair within k bits")
         return v
+
+    @property
+    def blocks(self) -> int:
+        """SimHash index blocks: simhash_blocks, or simhash_k + 3 (keys of 3 blocks)."""
+        return self.simhash_blocks if self.simhash_blocks is not None else self.simhash_k + 3

@@ -173,8 +173,7 @@ def process_batch(raw: list[tuple[str, str | None]]) -> BatchResult:
         n_fp = 1 if p.simhash_verify is None else 2
         fps = np.zeros((len(raw), n_fp), np.uint64)
         if chosen:
-            for salt in range(n_fp):
-                fps[eligible, salt] = near_dup.simhash_batch(chosen, p.shingle_size, salt=salt)
+            fps[eligible] = near_dup.simhash_fingerprints(chosen, p.shingle_size, n_fp)
     return BatchResult(texts, reasons, hashes, eligible, fps, pii)
 
 
@@ -418,7 +417,7 @@ def clean_text(ctx: Any, path: Path) -> dict[str, Any]:
                 if p.method == "minhash":
                     local = near_dup.minhash_pairs(fp_arr[cand], p.minhash_threshold, p.minhash_perms)
                 else:
-                    local = near_dup.simhash_pairs(fp_arr[cand, 0], p.simhash_k, p.simhash_blocks)
+                    local = near_dup.simhash_pairs(fp_arr[cand, 0], p.simhash_k, p.blocks, threads=workers)
                     if p.simhash_verify is not None:
                         local = near_dup.verify_pairs(local, fp_arr[cand], p.simhash_verify)
                 advance(1, status=f"{len(local):,} pairs")
