@@ -161,6 +161,11 @@ def train(
     device = distributed.rank_device(dinfo, kind)
     model.to(device).train()
     model.grad_checkpointing = cfg.activation_checkpointing
+    if kind == "cuda" and hasattr(model, "use_fused"):
+        # the same function with fewer, wider GEMMs and the LM head fused with the loss (docs/performance.md);
+        # a custom loss_fn may read the logits, so it keeps the plain head
+        model.use_fused()
+        model.fused_loss = loss_fn is None
     sharded = dinfo.enabled and cfg.strategy == "fsdp"
     wrapped = distributed.wrap(model, dinfo, strategy=cfg.strategy, comm_hook=cfg.comm_hook) if dinfo.enabled else model
     forward = torch.compile(wrapped) if cfg.compile else wrapped
