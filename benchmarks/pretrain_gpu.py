@@ -82,10 +82,12 @@ DEFAULT = list(VARIANTS)[:13]
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
 BALANCE = [
     dict(gamma=0.01, warmup=30, data="random"),   # the first session's setting
-    dict(gamma=0.01, warmup=150, data="random"),
-    dict(gamma=0.003, warmup=150, data="random"),
-    dict(gamma=0.001, warmup=150, data="random"),
-    dict(gamma=0.003, warmup=150, data="text"),
+    dict(gamma=0.01, warmup=120, data="random"),
+    dict(gamma=0.003, warmup=120, data="random"),
+    dict(gamma=0.001, warmup=120, data="random"),
+    # bias += gamma * (mean - load) / mean: steps shrink as the load evens out
+    dict(gamma=0.02, warmup=120, data="random", rule="proportional"),
+    dict(gamma=0.01, warmup=120, data="text"),
 ]
 
 
@@ -402,6 +404,11 @@ def balance_runs(model, cfg, step, loads, per_step, batch, context, vocab, devic
         for moe in model.moe_layers().values():
             moe.load.zero_()
         model.cfg.bias_update_speed = b["gamma"]
+        for gate in (moe.gate for moe in model.moe_layers().values()):
+            if b.get("rule") == "proportional":
+                gate.update_bias = proportional_update.__get__(gate)
+            else:
+                gate.__dict__.pop("update_bias", None)
         data = text_tokens(batch, context, device) if b["data"] == "text" else RandomTokens(batch, context, vocab, device, seed=1)
         step.state["data"] = data
         step.state["optimizer"] = make_optimizer(model, name="adamw", lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95),
@@ -421,11 +428,17 @@ def balance_runs(model, cfg, step, loads, per_step, batch, context, vocab, devic
         tps = batch * context * steps / dt_s
         res = dict(b, tokens_per_s=round(tps), model_tflops=round((6 * n_params + 12 * layers * width * context) * tps / 1e12, 1),
                    loss_end=round(lv, 4), **balance_stats(loads, per_step))
-        print("balance", json.dumps({k: res[k] for k in ("gamma", "warmup", "data", "tokens_per_s",
+        print("balance", json.dumps({k: res.get(k) for k in ("gamma", "rule", "warmup", "data", "tokens_per_s",
                                                         "expert_load_max_over_mean",
                                                         "expert_load_max_over_mean_stepwise")}), flush=True)
         out.append(res)
     return out
+
+
+@torch.no_grad()
+def proportional_update(gate, load: torch.Tensor, speed: float) -> None:
+    load = load.float()
+    gate.bias += speed * (load.mean() - load) / load.mean().clamp(min=1.0)
 
 
 def check_fused(model, projections: bool, device: str) -> dict:
@@ -556,7 +569,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   "per-step max/mean averaged (worst layer) | loss |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, b in runs:
-            lines.append(f"| {name} | {b['gamma']} | {b['warmup']} | {b['data']} | {b['tokens_per_s']:,} | "
+            lines.append(f"| {name} | {b['gamma']}{' ' + b['rule'] if b.get('rule') else ''} | {b['warmup']} | {b['data']} | {b['tokens_per_s']:,} | "
                          f"{b['expert_load_max_over_mean']} | {b['expert_load_max_over_mean_stepwise']} | {b['loss_end']} |")
     return "\n".join(lines) + "\n"
 

@@ -283,7 +283,7 @@ class Experts(nn.Module):
         x = x.to(dtype)
         if self.fuse_projections and type(self) is Experts:
             # w1 and w3 as one [E, D, 2I] grouped GEMM (Transformer.use_fused)
-            w13 = torch.cat([self.w1, self.w3], dim=1).to(dtype).transpose(-2, -1)
+            w13 = torch.cat([self.w1.to(dtype), self.w3.to(dtype)], dim=1).transpose(-2, -1)
             gate, up = torch._grouped_mm(x, w13, offs=ends).chunk(2, dim=-1)
             return torch._grouped_mm(F.silu(gate) * up, self.w2.to(dtype).transpose(-2, -1), offs=ends)
         w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
