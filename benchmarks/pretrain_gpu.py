@@ -61,6 +61,12 @@ VARIANTS: dict[str, dict] = {
     "dense-b64-fused": dict(model="dsk", preset="gpt2", batch=64, fused=True),
     "nanogpt-b64": dict(model="nanogpt", batch=64),
     "dense-b32-fused-cdt": dict(model="dsk", preset="gpt2", batch=32, fused=True, inductor={"coordinate_descent_tuning": True}),
+    # second call: the bf16 residual stream with everything else, at both batches; MoE likewise
+    "dense-b64-fused-bf16res": dict(model="dsk", preset="gpt2", batch=64, fused=True, residual="bf16"),
+    "dense-b32-fused-bf16res-cdt": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                        inductor={"coordinate_descent_tuning": True}),
+    "dense-b32-fusedloss-bf16res": dict(model="dsk", preset="gpt2", batch=32, fused="loss", residual="bf16"),
+    "moe-b64-fused-bf16res": dict(model="dsk", preset="gpt2-moe", batch=64, fused=True, residual="bf16", balance=True),
     "moe-b32-fused": dict(model="dsk", preset="gpt2-moe", batch=32, fused=True),
     "dense-b32-fusedloss": dict(model="dsk", preset="gpt2", batch=32, fused="loss"),
     "trainer-dense-b32": dict(model="trainer", preset="gpt2", batch=32),
@@ -76,19 +82,19 @@ VARIANTS: dict[str, dict] = {
     "nanogpt-b32-cudnn": dict(model="nanogpt", batch=32, sdpa="cudnn"),
 }
 # the default run: this session's variants (the first session's stay selectable with --only)
-DEFAULT = list(VARIANTS)[:13]
+DEFAULT = list(VARIANTS)[:17]
 
 # router-balancing settings measured on one compiled MoE model (variants with balance=True):
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
 BALANCE = [
-    dict(gamma=0.01, warmup=30, data="random"),   # the first session's setting
-    dict(gamma=0.01, warmup=120, data="random"),
     dict(gamma=0.003, warmup=120, data="random"),
-    dict(gamma=0.001, warmup=120, data="random"),
     # bias += gamma * (mean - load) / mean: steps shrink as the load evens out
-    dict(gamma=0.02, warmup=120, data="random", rule="proportional"),
-    dict(gamma=0.01, warmup=120, data="text"),
+    dict(gamma=0.005, warmup=120, data="random", rule="proportional"),
+    # plus DeepSeek-V3's sequence-wise balance loss (a recompile: it changes the forward)
+    dict(gamma=0.003, warmup=120, data="random", seq_aux_alpha=0.001),
+    dict(gamma=0.003, warmup=120, data="random", seq_aux_alpha=0.01),
 ]
+# the first call's settings (docs/performance.md): gamma 0.01 / 30 and 120 warm-up steps, 0.001, text bytes
 
 
 # =========================================================================== the anchor
@@ -404,6 +410,7 @@ def balance_runs(model, cfg, step, loads, per_step, batch, context, vocab, devic
         for moe in model.moe_layers().values():
             moe.load.zero_()
         model.cfg.bias_update_speed = b["gamma"]
+        model.cfg.seq_aux_alpha = b.get("seq_aux_alpha", 0.0)
         for gate in (moe.gate for moe in model.moe_layers().values()):
             if b.get("rule") == "proportional":
                 gate.update_bias = proportional_update.__get__(gate)
@@ -428,7 +435,7 @@ def balance_runs(model, cfg, step, loads, per_step, batch, context, vocab, devic
         tps = batch * context * steps / dt_s
         res = dict(b, tokens_per_s=round(tps), model_tflops=round((6 * n_params + 12 * layers * width * context) * tps / 1e12, 1),
                    loss_end=round(lv, 4), **balance_stats(loads, per_step))
-        print("balance", json.dumps({k: res.get(k) for k in ("gamma", "rule", "warmup", "data", "tokens_per_s",
+        print("balance", json.dumps({k: res.get(k) for k in ("gamma", "rule", "seq_aux_alpha", "warmup", "data", "tokens_per_s",
                                                         "expert_load_max_over_mean",
                                                         "expert_load_max_over_mean_stepwise")}), flush=True)
         out.append(res)
@@ -569,7 +576,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                   "per-step max/mean averaged (worst layer) | loss |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for name, b in runs:
-            lines.append(f"| {name} | {b['gamma']}{' ' + b['rule'] if b.get('rule') else ''} | {b['warmup']} | {b['data']} | {b['tokens_per_s']:,} | "
+            lines.append(f"| {name} | {b['gamma']}{' ' + b['rule'] if b.get('rule') else ''}"
+                         f"{' + seq loss ' + str(b['seq_aux_alpha']) if b.get('seq_aux_alpha') else ''} | {b['warmup']} | {b['data']} | {b['tokens_per_s']:,} | "
                          f"{b['expert_load_max_over_mean']} | {b['expert_load_max_over_mean_stepwise']} | {b['loss_end']} |")
     return "\n".join(lines) + "\n"
 

@@ -136,3 +136,15 @@ def test_bf16_residual_stream_changes_only_the_precision():
         model.residual_dtype = torch.bfloat16
         low = model(idx, targets=idx).loss
     assert abs(float(low) - float(ref)) < 0.05 * float(ref) and float(low) != float(ref)
+
+
+def test_rope_in_either_memory_order_is_the_same_rotation():
+    from dsk.models.model import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 16, 10000.0)
+    pos = torch.arange(16).expand(2, 16)
+    x = torch.randn(2, 3, 16, 8)  # [B, H, T, D]
+    a = apply_rope(x, cos[pos], sin[pos])
+    b = apply_rope(x.transpose(1, 2).contiguous(), cos[pos], sin[pos], head_dim=2).transpose(1, 2)
+    assert torch.equal(a, b)

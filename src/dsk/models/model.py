@@ -48,11 +48,15 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by per-row angles ``cos``/``sin`` [B, T, D/2] (rotate-half layout)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by per-row angles ``cos``/``sin`` [B, T, D/2] (rotate-half layout).
+
+    ``head_dim=2`` takes ``x`` as [B, T, H, D] instead: the projections' own memory order, so the
+    result needs no transposing copy before attention (nor its gradient after it).
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    cos, sin = cos.unsqueeze(head_dim).to(x.dtype), sin.unsqueeze(head_dim).to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -130,10 +134,10 @@ class Attention(nn.Module):
             q, k, v = F.linear(x, w).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
         else:
             q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        # rotate in [B, T, H, D] order, then view as [B, H, T, D]: SDPA takes the strides as they are
+        q = apply_rope(q.view(B, T, self.n_heads, self.hd), cos, sin, head_dim=2).transpose(1, 2)
+        k = apply_rope(k.view(B, T, self.n_kv, self.hd), cos, sin, head_dim=2).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
             mask, causal = (None, self.causal) if attn_mask is None else (attn_mask, False)
         else:
