@@ -66,6 +66,7 @@ VARIANTS: dict[str, dict] = {
     "dense-b32-fused-bf16res-cdt": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                         inductor={"coordinate_descent_tuning": True}),
     "dense-b32-fusedloss-bf16res": dict(model="dsk", preset="gpt2", batch=32, fused="loss", residual="bf16"),
+    "trainer-dense-b32-bf16res": dict(model="trainer", preset="gpt2", batch=32, residual="bf16"),
     "moe-b64-fused-bf16res": dict(model="dsk", preset="gpt2-moe", batch=64, fused=True, residual="bf16", balance=True),
     "moe-b32-fused": dict(model="dsk", preset="gpt2-moe", batch=32, fused=True),
     "dense-b32-fusedloss": dict(model="dsk", preset="gpt2", batch=32, fused="loss"),
@@ -82,7 +83,7 @@ VARIANTS: dict[str, dict] = {
     "nanogpt-b32-cudnn": dict(model="nanogpt", batch=32, sdpa="cudnn"),
 }
 # the default run: this session's variants (the first session's stay selectable with --only)
-DEFAULT = list(VARIANTS)[:17]
+DEFAULT = list(VARIANTS)[:18]
 
 # router-balancing settings measured on one compiled MoE model (variants with balance=True):
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
@@ -519,7 +520,7 @@ def measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir: 
     steps = 6 if quick else 40
     tcfg = TrainConfig(max_steps=steps, batch_size=batch, lr=6e-4, warmup_steps=5, precision="bf16", device=device,
                        compile=compile_, eval_every=0, log_every=steps // 4 if not quick else 2,
-                       checkpoint_every_minutes=0.0)
+                       checkpoint_every_minutes=0.0, bf16_residual=v.get("residual") == "bf16")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train(model, data, tcfg, run_dir=Path(tmp))
