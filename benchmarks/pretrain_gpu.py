@@ -88,14 +88,14 @@ DEFAULT = list(VARIANTS)[:18]
 # router-balancing settings measured on one compiled MoE model (variants with balance=True):
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
 BALANCE = [
-    dict(gamma=0.003, warmup=120, data="random"),
     # bias += gamma * (mean - load) / mean: steps shrink as the load evens out
     dict(gamma=0.005, warmup=120, data="random", rule="proportional"),
     # plus DeepSeek-V3's sequence-wise balance loss (a recompile: it changes the forward)
     dict(gamma=0.003, warmup=120, data="random", seq_aux_alpha=0.001),
     dict(gamma=0.003, warmup=120, data="random", seq_aux_alpha=0.01),
 ]
-# the first call's settings (docs/performance.md): gamma 0.01 / 30 and 120 warm-up steps, 0.001, text bytes
+# the first call's settings (docs/performance.md): gamma 0.01 / 30 and 120 warm-up steps, 0.003, 0.001,
+# proportional 0.02, text bytes
 
 
 # =========================================================================== the anchor
