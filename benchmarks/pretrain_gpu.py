@@ -237,8 +237,8 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
     if quick:
         batch, context, vocab = 2, 64, 512
     steps = 4 if quick else v.get("steps", 25)
-    # MoE: 30 steps before timing, so the routers' bias balancing has started (docs/performance.md)
-    warmup = 2 if quick else v.get("warmup", 30 if v.get("preset", "").endswith("moe") else 6)
+    # MoE: 120 steps before timing, so the routers' bias balancing has settled (docs/performance.md)
+    warmup = 2 if quick else v.get("warmup", 120 if v.get("preset", "").endswith("moe") else 6)
     compile_ = v.get("compile", True) and not quick
     for key, value in v.get("inductor", {}).items():
         setattr(torch._inductor.config, key, value)
