@@ -15,7 +15,7 @@ failure cannot take the others down):
   events around each phase, plus a torch.profiler table of 3 steps), and for MoE the expert
   load max/mean over the timed steps.
 
-    $ python benchmarks/pretrain_gpu.py                       # every variant (~9 min on an H100)
+    $ python benchmarks/pretrain_gpu.py --budget-s 1500       # the default variants (~20 min on an H100)
     $ python benchmarks/pretrain_gpu.py --only nanogpt-b32,dense-b32
     $ python benchmarks/pretrain_gpu.py --quick               # tiny shapes, CPU smoke test
 
@@ -82,8 +82,11 @@ VARIANTS: dict[str, dict] = {
     "moe-b32-loop-eager": dict(model="dsk", preset="gpt2-moe", batch=32, moe="loop", compile=False, steps=8),
     "nanogpt-b32-cudnn": dict(model="nanogpt", batch=32, sdpa="cudnn"),
 }
-# the default run: this session's variants (the first session's stay selectable with --only)
-DEFAULT = list(VARIANTS)[:18]
+# the default run: the anchors at both batches, the plain and the fast paths, the trainer, the MoE with its
+# balance settings, then the attribution variants (the first session's stay selectable with --only)
+DEFAULT = ["nanogpt-b32", "nanogpt-b64", "dense-b32", "dense-b32-fused", "dense-b32-fused-bf16res",
+           "dense-b64-fused-bf16res", "trainer-dense-b32-bf16res", "moe-b64-fused-bf16res", "moe-b32-fused",
+           "dense-b32-fusedloss-bf16res", "dense-b32-fused-bf16res-cdt", "dense-b32-fused-maxautotune"]
 
 # router-balancing settings measured on one compiled MoE model (variants with balance=True):
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
