@@ -65,3 +65,86 @@ def test_gpu_presets_have_gpt2_size_and_equal_active_width():
     router = moe.cfg.n_routed_experts * moe.cfg.dim
     assert moe.num_params(active=True) - router == dense.num_params()
     assert moe.num_params() > 3 * dense.num_params() - 2 * 50304 * 768
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["tiny-dense", "cpu-moe"])
+def test_fused_paths_compute_the_same_loss_and_gradients(preset):
+    """use_fused(): q|k|v and w1|w3 as one GEMM, the LM head fused with the loss: same function."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, vocab_size=97, max_seq_len=32)
+    model = Transformer(cfg).train()
+    idx = torch.randint(0, 97, (3, 32))
+    targets = torch.randint(0, 97, (3, 32))
+    targets[0, :5] = -100  # ignored positions (finetuning's masked prompts)
+    ref = model(idx, targets=targets)
+    ref.loss.backward()
+    ref_grads = _grads(model)
+    model.zero_grad(set_to_none=True)
+    loads = {i: m.load.clone() for i, m in model.moe_layers().items()}
+
+    model.use_fused()
+    out = model(idx, targets=targets)
+    assert out.logits is None  # the fused head never materialises them
+    out.loss.backward()
+    assert torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(out.aux["ce_loss"], ref.aux["ce_loss"], rtol=1e-5, atol=1e-6)
+    grads = _grads(model)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert torch.allclose(grads[name], g, rtol=1e-4, atol=1e-6), name
+    for i, m in model.moe_layers().items():  # the same routing too
+        assert torch.equal(m.load, 2 * loads[i])
+
+    model.eval()  # scoring and generation keep their logits
+    with torch.no_grad():
+        assert model(idx, targets=targets).logits is not None
+    model.use_fused(False)
+    assert model.fused_loss is False and not any(getattr(m, "fuse_projections", False) for m in model.modules())
+
+
+def test_fused_head_loss_in_chunks_with_a_scaled_backward():
+    from dsk.models.model import head_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(37, 16, requires_grad=True)
+    t = torch.randint(0, 37, (10,))
+    t[3] = -100
+    ref = torch.nn.functional.cross_entropy(h @ w.T, t, ignore_index=-100)
+    (3.0 * ref).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    fused = head_cross_entropy(h, w, t, chunk_rows=4)  # 3 chunks, the last one short
+    (3.0 * fused).backward()
+    assert torch.allclose(fused, ref, atol=1e-6)
+    assert torch.allclose(h.grad, gh, atol=1e-5) and torch.allclose(w.grad, gw, atol=1e-5)
+    # every target ignored: loss 0 and zero gradients, like F.cross_entropy's sum over nothing
+    none = head_cross_entropy(h, w, torch.full((10,), -100), chunk_rows=4)
+    assert float(none) == 0.0
+
+
+def test_bf16_residual_stream_changes_only_the_precision():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny-dense", vocab_size=97, max_seq_len=32)).train()
+    idx = torch.randint(0, 97, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a bf16 stream is for autocast runs
+        ref = model(idx, targets=idx).loss
+        model.residual_dtype = torch.bfloat16
+        low = model(idx, targets=idx).loss
+    assert abs(float(low) - float(ref)) < 0.05 * float(ref) and float(low) != float(ref)
+
+
+def test_rope_in_either_memory_order_is_the_same_rotation():
+    from dsk.models.model import apply_rope, rope_tables
+
+    torch.manual_seed(0)
+    cos, sin = rope_tables(8, 16, 10000.0)
+    pos = torch.arange(16).expand(2, 16)
+    x = torch.randn(2, 3, 16, 8)  # [B, H, T, D]
+    a = apply_rope(x, cos[pos], sin[pos])
+    b = apply_rope(x.transpose(1, 2).contiguous(), cos[pos], sin[pos], head_dim=2).transpose(1, 2)
+    assert torch.equal(a, b)

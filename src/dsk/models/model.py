@@ -48,11 +48,15 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [B, H, T, D] by per-row angles ``cos``/``sin`` [B, T, D/2] (rotate-half layout)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int = 1) -> torch.Tensor:
+    """Rotate ``x`` [B, H, T, D] by per-row angles ``cos``/``sin`` [B, T, D/2] (rotate-half layout).
+
+    ``head_dim=2`` takes ``x`` as [B, T, H, D] instead: the projections' own memory order, so the
+    result needs no transposing copy before attention (nor its gradient after it).
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    cos, sin = cos.unsqueeze(head_dim).to(x.dtype), sin.unsqueeze(head_dim).to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
@@ -118,12 +122,22 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.causal = cfg.causal
 
+    # one GEMM for q, k and v (Transformer.use_fused); the same function as three
+    fuse_projections = False
+
     def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.fuse_projections and all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
+            # the weights are concatenated on every call (a few MB): the parameters, their names
+            # and LoRA/quantisation stay as they are, and the GEMM is 3x wider (docs/performance.md)
+            w = torch.cat([self.wq.weight, self.wk.weight, self.wv.weight])
+            q, k, v = F.linear(x, w).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        # rotate in [B, T, H, D] order, then view as [B, H, T, D]: SDPA takes the strides as they are
+        q = apply_rope(q.view(B, T, self.n_heads, self.hd), cos, sin, head_dim=2).transpose(1, 2)
+        k = apply_rope(k.view(B, T, self.n_kv, self.hd), cos, sin, head_dim=2).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
         if layer_cache is None:
             mask, causal = (None, self.causal) if attn_mask is None else (attn_mask, False)
         else:
@@ -209,7 +223,12 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, inter_dim, bias=False)
 
+    fuse_projections = False  # one GEMM for w1 and w3 (Transformer.use_fused); the same function
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fuse_projections and type(self.w1) is nn.Linear and type(self.w3) is nn.Linear:
+            gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight])).chunk(2, dim=-1)
+            return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -248,6 +267,8 @@ class Gate(nn.Module):
 class Experts(nn.Module):
     """The routed experts' SwiGLU weights stacked as [E, ...] so dispatch can slice them."""
 
+    fuse_projections = False
+
     def __init__(self, n: int, dim: int, inter_dim: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n, inter_dim, dim))
@@ -264,6 +285,11 @@ class Experts(nn.Module):
         sync for the per-expert counts and one launch per weight, so it compiles into the graph.
         """
         x = x.to(dtype)
+        if self.fuse_projections and type(self) is Experts:
+            # w1 and w3 as one [E, D, 2I] grouped GEMM (Transformer.use_fused)
+            w13 = torch.cat([self.w1.to(dtype), self.w3.to(dtype)], dim=1).transpose(-2, -1)
+            gate, up = torch._grouped_mm(x, w13, offs=ends).chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, self.w2.to(dtype).transpose(-2, -1), offs=ends)
         w1, w2, w3 = (w.to(dtype).transpose(-2, -1) for w in (self.w1, self.w2, self.w3))
         h = F.silu(torch._grouped_mm(x, w1, offs=ends)) * torch._grouped_mm(x, w3, offs=ends)
         return torch._grouped_mm(h, w2, offs=ends)
@@ -372,6 +398,65 @@ def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, B: int, T: in
     return (f * p).sum(dim=-1).mean()
 
 
+# --------------------------------------------------------------------------- LM head + loss
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T`` against ``targets``, with its gradients made in the forward.
+
+    Why not ``F.cross_entropy(head(h))``: that reads the [N, vocab] logits twice from memory
+    (the log-softmax in the forward, its gradient in the backward, ~6 ms a step at GPT-2's
+    vocabulary on an H100). Here one fused kernel reads each logit row once (log-sum-exp and
+    then, from cache, the gradient), the two gradient GEMMs follow at once, and no logits are
+    kept for the backward, which only scales the stored gradients (docs/performance.md).
+    Rows are processed in chunks so the fp32 intermediates of an eager run stay bounded.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, ignore_index: int, dtype: torch.dtype, chunk_rows: int):
+        hc, wc = h.to(dtype), weight.to(dtype)
+        valid_all = targets != ignore_index
+        n_valid = valid_all.sum().clamp(min=1)
+        cols = torch.arange(weight.shape[0], device=h.device)
+        loss = h.new_zeros((), dtype=torch.float32)
+        grad_h, grad_w = [], None
+        for start in range(0, h.shape[0], chunk_rows):
+            hs, ts, valid = hc[start : start + chunk_rows], targets[start : start + chunk_rows], valid_all[start : start + chunk_rows]
+            logits = (hs @ wc.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, torch.where(valid, ts, 0)[:, None]).squeeze(1)
+            loss = loss + torch.where(valid, lse - target_logit, 0.0).sum()
+            # d loss / d logits = (softmax - one_hot) / n_valid on scored rows, 0 on ignored ones
+            scale = valid.float() / n_valid
+            g = ((torch.exp(logits - lse[:, None]) - (cols == ts[:, None]).float()) * scale[:, None]).to(dtype)
+            grad_h.append(g @ wc)
+            gw = (g.t() @ hs).float()
+            grad_w = gw if grad_w is None else grad_w + gw
+        ctx.save_for_backward(torch.cat(grad_h), grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * grad_loss).to(h_dtype), (grad_w * grad_loss).to(w_dtype), None, None, None, None
+
+
+def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, ignore_index: int = -100,
+                       dtype: torch.dtype | None = None, chunk_rows: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, weight), targets)`` (mean over scored rows), fused; h [N, D], targets [N].
+
+    ``dtype`` is the matmul dtype (the autocast dtype under autocast); the log-sum-exp is fp32.
+    """
+    if dtype is None:
+        kind = h.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else h.dtype
+    if chunk_rows is None:  # at most 2^31 logits per chunk: one chunk for GPT-2 at batch 32 x 1024
+        chunk_rows = max(1, 2**31 // weight.shape[0])
+    return _HeadCrossEntropy.apply(h, weight, targets, ignore_index, dtype, chunk_rows)
+
+
 # --------------------------------------------------------------------------- block + model
 
 
@@ -393,7 +478,7 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss came from the fused head (Transformer.use_fused)
     loss: torch.Tensor | None = None
     aux: dict[str, Any] = field(default_factory=dict)
 
@@ -420,7 +505,20 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpointing = False
+        # speed switches for training (use_fused); they change no parameter and no name
+        self.fused_loss = False
+        self.residual_dtype: torch.dtype | None = None  # e.g. bf16: the residual stream's dtype (numerics change)
         self.reset_parameters()
+
+    def use_fused(self, enabled: bool = True) -> "Transformer":
+        """Training fast paths that compute the same function (tests/test_gpu_paths.py):
+        one GEMM for q|k|v and for w1|w3 (dense and routed experts), and the LM head fused with
+        the cross-entropy (``forward(targets=...)`` in training then returns ``logits=None``)."""
+        for m in self.modules():
+            if isinstance(m, (Attention, MLP, Experts)):
+                m.fuse_projections = enabled
+        self.fused_loss = enabled
+        return self
 
     # ------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
@@ -507,15 +605,24 @@ class Transformer(nn.Module):
         last = T - 1 if plain else (int(positions.max()) if T else -1)
         if last >= limit:
             raise DskError(f"sequence position {last} is beyond the limit of {limit} tokens")
-        h, counts, balance = self.trunk(self.embed(idx), positions, cache, attn_mask)
+        h = self.embed(idx)
+        if self.residual_dtype is not None:
+            h = h.to(self.residual_dtype)
+        h, counts, balance = self.trunk(h, positions, cache, attn_mask)
         if self.training:
             for i, c in counts.items():
                 self.layers[i].ffn.load += c.detach().to(self.layers[i].ffn.load.dtype)
-        logits = self.head(self.norm(h))
+        fused = (targets is not None and self.fused_loss and self.training and torch.is_grad_enabled()
+                 and type(self.head) is nn.Linear)
+        logits = None if fused else self.head(self.norm(h))
 
         aux: dict[str, Any] = {"expert_counts": counts, "balance_loss": balance}
         loss = None
-        if targets is not None:
+        if fused:
+            ce = head_cross_entropy(self.norm(h).reshape(B * T, -1), self.head.weight, targets.reshape(-1))
+            aux["ce_loss"] = ce
+            loss = ce + balance if counts else ce
+        elif targets is not None:
             ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
             aux["ce_loss"] = ce
             loss = ce + balance if counts else ce

@@ -40,6 +40,10 @@ class Params(StageParams):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling.")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device; auto picks cuda, then mps, then cpu.")
     compile: bool = Field(False, description="torch.compile the model.")
+    bf16_residual: bool = Field(
+        False, description="With --precision bf16: keep the residual stream in bf16 too (~6% faster on an H100; "
+        "slightly different numerics, docs/performance.md)."
+    )
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
     eval_every: int = Field(200, ge=0, description="Evaluate validation loss and bits per byte every N steps (0 = only at the end).")
     eval_tokens: int = Field(65536, ge=1, description="At most this many validation tokens per evaluation.")

@@ -44,6 +44,7 @@ def train_config(params: Params):
         log_every=params.log_every, checkpoint_every=params.checkpoint_every,
         checkpoint_every_minutes=params.checkpoint_every_minutes, keep_checkpoints=params.keep_checkpoints,
         max_minutes=params.max_minutes, profile_steps=params.profile, threads=params.threads,
+        bf16_residual=params.bf16_residual,
     )
 
 

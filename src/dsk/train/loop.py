@@ -56,6 +56,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False
+    bf16_residual: bool = False  # with precision bf16: the residual stream in bf16 too (Transformer.residual_dtype)
     activation_checkpointing: bool = False
     eval_every: int = 200  # 0: only at the end
     log_every: int = 10
@@ -161,6 +162,13 @@ def train(
     device = distributed.rank_device(dinfo, kind)
     model.to(device).train()
     model.grad_checkpointing = cfg.activation_checkpointing
+    if kind == "cuda" and hasattr(model, "use_fused"):
+        # the same function with fewer, wider GEMMs and the LM head fused with the loss (docs/performance.md);
+        # a custom loss_fn may read the logits, so it keeps the plain head
+        model.use_fused()
+        model.fused_loss = loss_fn is None
+    if cfg.bf16_residual and cfg.precision == "bf16" and hasattr(model, "residual_dtype"):
+        model.residual_dtype = torch.bfloat16
     sharded = dinfo.enabled and cfg.strategy == "fsdp"
     wrapped = distributed.wrap(model, dinfo, strategy=cfg.strategy, comm_hook=cfg.comm_hook) if dinfo.enabled else model
     forward = torch.compile(wrapped) if cfg.compile else wrapped
