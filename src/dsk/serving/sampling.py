@@ -1,9 +1,10 @@
 """Per-request sampling for a batch of sequences: penalties, temperature, top-k, top-p, seeds.
 
 Each row of a decode batch may belong to a different request with its own settings, so the
-settings are applied row by row (vectorised across rows where they can be), and every sequence
-draws from its own ``torch.Generator``: a request with a ``seed`` gets the same tokens whatever
-else shares the batch.
+settings are a per-row parameter table and one set of tensor ops samples every row at once
+(:func:`sample_rows`, no host sync, so it runs inside the engine's CUDA graphs); every sequence
+draws its noise from its own ``torch.Generator``: a request with a ``seed`` gets the same tokens
+whatever else shares the batch.
 
     >>> import torch
     >>> from dsk.serving.sampling import SamplingParams, SequenceSampler, sample_next
@@ -108,36 +109,125 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return sorted_logits, order
 
 
+# columns of the per-row parameter table that the batched sampler reads
+PARAM_COLUMNS = ("temperature", "top_k", "top_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+NEUTRAL_ROW = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0)  # greedy, no cuts, no penalties
+
+
+def param_row(p: SamplingParams) -> tuple[float, ...]:
+    """One request's settings as a row of the [R, 6] parameter table (see PARAM_COLUMNS)."""
+    return (max(p.temperature, 0.0), float(max(p.top_k, 0)), p.top_p, p.repetition_penalty,
+            p.presence_penalty, p.frequency_penalty)
+
+
+def sample_rows(logits: torch.Tensor, params: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor,
+                noise: torch.Tensor, *, cut: bool = True) -> torch.Tensor:
+    """One token per row of ``logits`` [R, V], every row with its own settings, as tensor ops only.
+
+    ``params`` [R, 6] (PARAM_COLUMNS), ``counts`` [R, V] (each token's count in the output so
+    far), ``seen`` [R, V] bool (in the prompt or the output), ``noise`` [R, V] standard
+    exponential draws from each row's own generator. The draw is the exponential race
+    ``argmax(p / noise)``, which picks token i with probability p_i: all the randomness is in
+    ``noise``, so a row's tokens depend only on its own generator, and the whole function has
+    fixed shapes and no host sync (it runs inside the engine's CUDA graphs). ``cut=False``
+    skips the sort for top-k/top-p when no row asks for them (the eager path knows).
+    """
+    logits = logits.float()
+    temp, top_k, top_p, rep, presence, frequency = params.unbind(-1)
+    # repetition (CTRL/HF, over prompt + output), then presence/frequency (OpenAI, output only);
+    # neutral settings leave a row's logits bit for bit unchanged
+    penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+    logits = torch.where(seen, penalised, logits)
+    logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+    greedy = logits.argmax(dim=-1)
+    scaled = logits / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
+    noise = noise.clamp_min(1e-20)  # an exact 0 would make 0/0 for a token that top-k/top-p cut
+    if cut:
+        sorted_logits, order = filter_top_k_top_p(scaled, top_k.long(), top_p)
+        race = sorted_logits.softmax(dim=-1) / noise.gather(1, order)
+        drawn = order.gather(1, race.argmax(dim=-1, keepdim=True)).squeeze(1)
+    else:
+        drawn = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
+    return torch.where(temp > 0, drawn, greedy)
+
+
+def observe_rows(counts: torch.Tensor, seen: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Count each row's new token (for the penalties); ``rows`` index ``counts``/``seen``."""
+    counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
+    seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
+
+
+class BatchSampler:
+    """The sampling state of every row of the engine's batch, on the model's device.
+
+    Row r holds the settings, output counts and seen-token mask of the sequence in cache row
+    r; rows are set when a sequence is admitted and moved with its cache row. Each step, the
+    rows that sample draw their noise on the CPU from their own seeded generator (so a seed
+    gives the same tokens whatever shares the batch), and one copy takes it to the device.
+    """
+
+    def __init__(self, rows: int, vocab_size: int, device: torch.device):
+        self.rows, self.vocab_size, self.device = rows, vocab_size, device
+        pin = device.type == "cuda"
+        self.params = torch.tensor([NEUTRAL_ROW] * rows, dtype=torch.float32, device=device)
+        self.counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
+        self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
+        self.noise = torch.ones(rows, vocab_size, dtype=torch.float32, device=device)
+        self.noise_host = torch.ones(rows, vocab_size, dtype=torch.float32, pin_memory=pin)
+        self._noise_rows = list(self.noise_host.unbind(0))  # views made once, not per step
+        self.samplers: list[SequenceSampler | None] = [None] * rows
+        self._all_rows = torch.arange(rows, device=device)
+
+    def set_row(self, row: int, sampler: SequenceSampler) -> None:
+        self.samplers[row] = sampler
+        self.params[row] = torch.tensor(param_row(sampler.params), dtype=torch.float32)
+        self.counts[row].zero_()
+        if sampler.seen_mask is not None:
+            self.seen[row].copy_(sampler.seen_mask)
+        else:
+            self.seen[row].zero_()
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.samplers[dst], self.samplers[src] = self.samplers[src], None
+        for t in (self.params, self.counts, self.seen):
+            t[dst] = t[src]
+
+    def stage_noise(self, start: int, stop: int) -> None:
+        """Fresh noise for rows start..stop-1 that sample (greedy rows need none), sent to the device."""
+        for r in range(start, stop):
+            s = self.samplers[r]
+            if s is not None and not s.params.greedy:
+                self._noise_rows[r].exponential_(generator=s.generator)
+        # non_blocking from pinned memory: the step's token read (a sync) comes after it, so
+        # the host rows are never rewritten while the copy is in flight
+        self.noise[start:stop].copy_(self.noise_host[start:stop], non_blocking=True)
+
+    def needs_cut(self, start: int, stop: int) -> bool:
+        return any(s is not None and not s.params.greedy and (s.params.top_k > 0 or s.params.top_p < 1.0)
+                   for s in self.samplers[start:stop])
+
+    def sample(self, logits: torch.Tensor, start: int) -> torch.Tensor:
+        """Eager: tokens [k] for logits [k, V] of rows start..start+k-1, counted for the penalties."""
+        stop = start + logits.shape[0]
+        self.stage_noise(start, stop)
+        rows = slice(start, stop)
+        tokens = sample_rows(logits, self.params[rows], self.counts[rows], self.seen[rows], self.noise[rows],
+                             cut=self.needs_cut(start, stop))
+        observe_rows(self.counts, self.seen, self._all_rows[rows], tokens)
+        return tokens
+
+
 def sample_next(logits: torch.Tensor, samplers: list[SequenceSampler]) -> torch.Tensor:
     """One next token per row of ``logits`` [R, V], each row with its own sampler.
 
-    Returns a LongTensor [R] on the CPU. Sampling runs on the CPU (one transfer of [R, V]
-    per step) so that seeded CPU generators give the same tokens on every device.
+    Returns a LongTensor [R] on the CPU; the samplers' own counts are not updated (call
+    ``observe``). The engine keeps the same state batched in a :class:`BatchSampler`.
     """
     logits = logits.detach().float().cpu()
-    rows = []
+    state = BatchSampler(len(samplers), logits.shape[-1], torch.device("cpu"))
     for r, s in enumerate(samplers):
-        row = apply_penalties(logits[r], s) if s.params.has_penalties else logits[r]
-        rows.append(row)
-    logits = torch.stack(rows) if rows else logits
-    out = torch.empty(len(samplers), dtype=torch.long)
-    greedy = [r for r, s in enumerate(samplers) if s.params.greedy]
-    if greedy:
-        out[greedy] = logits[greedy].argmax(dim=-1)
-    sampled = [r for r, s in enumerate(samplers) if not s.params.greedy]
-    if not sampled:
-        return out
-    temps = torch.tensor([samplers[r].params.temperature for r in sampled], dtype=torch.float32)
-    scaled = logits[sampled] / temps[:, None]
-    top_k = torch.tensor([samplers[r].params.top_k for r in sampled], dtype=torch.long)
-    top_p = torch.tensor([samplers[r].params.top_p for r in sampled], dtype=torch.float32)
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
-        sorted_logits, order = filter_top_k_top_p(scaled, top_k, top_p)
-        probs = sorted_logits.softmax(dim=-1)
-    else:
-        order = None
-        probs = scaled.softmax(dim=-1)
-    for i, r in enumerate(sampled):
-        j = torch.multinomial(probs[i], 1, generator=samplers[r].generator)
-        out[r] = order[i, j] if order is not None else j
-    return out
+        state.set_row(r, s)
+        if s.output_counts is not None:
+            state.counts[r] = s.output_counts
+    state.stage_noise(0, len(samplers))
+    return sample_rows(logits, state.params, state.counts, state.seen, state.noise, cut=state.needs_cut(0, len(samplers)))
