@@ -114,8 +114,19 @@ class StaticRunner:
         self._decode_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._prefill_graphs: dict[tuple[int, int], tuple[Any, dict[str, torch.Tensor]]] = {}
         self._pool = None
+        self._prefill_failed = False
         if self.graphs:
-            self._capture_decode()
+            try:
+                self._capture_decode()
+                # the usual prompt widths too, so the first requests pay no capture
+                for tb in (w for w in PREFILL_WIDTHS[:3] if w <= self.max_len):
+                    for kb in self.decode_sizes:
+                        self._prefill_graph(kb, tb)
+            except Exception:  # a driver or op that cannot be captured: same steps, launched eagerly
+                log.exception("capturing the decode CUDA graphs failed; running the steps eagerly")
+                self.graphs = False
+                self._decode_graphs.clear()
+                self._prefill_graphs.clear()
 
     # ------------------------------------------------------------------ public steps
     @torch.inference_mode()
@@ -148,12 +159,18 @@ class StaticRunner:
         rows[:k] = torch.arange(first_row, first_row + k)
         lengths = torch.ones(kb, dtype=torch.long)
         lengths[:k] = torch.tensor([len(p) for p in prompts])
+        graph = None
+        if self.graphs and not self._prefill_failed:
+            try:
+                graph, io = self._prefill_graph(kb, tb)
+            except Exception:
+                log.exception("capturing a prefill CUDA graph failed; prefilling eagerly from now on")
+                self._prefill_failed = True
         self.sampling.stage_noise(first_row, first_row + k)
-        if not self.graphs:
+        if graph is None:
             out = torch.zeros(kb, dtype=torch.long, device=self.device)
             self._prefill_body(idx.to(self.device), rows.to(self.device), lengths.to(self.device), out)
             return out[:k].tolist()
-        graph, io = self._prefill_graph(kb, tb)
         io["idx"].copy_(idx)
         io["rows"].copy_(rows)
         io["lengths"].copy_(lengths)
@@ -170,7 +187,8 @@ class StaticRunner:
                 body()
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the HTTP threads may touch CUDA (memory stats) while the engine captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             body()
         self._pool = graph.pool()
         return graph

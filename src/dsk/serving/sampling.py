@@ -153,8 +153,9 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, counts: torch.Tensor
 
 def observe_rows(counts: torch.Tensor, seen: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
     """Count each row's new token (for the penalties); ``rows`` index ``counts``/``seen``."""
-    counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=counts.dtype), accumulate=True)
-    seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
+    flat = rows * counts.shape[-1] + tokens  # flat indices: index_add_/index_fill_ never sync the host
+    counts.view(-1).index_add_(0, flat, torch.ones_like(tokens, dtype=counts.dtype))
+    seen.view(-1).index_fill_(0, flat, True)
 
 
 class BatchSampler:
