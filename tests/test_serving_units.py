@@ -199,7 +199,7 @@ def test_batched_sampler_applies_each_rows_penalties():
     state.move_row(2, 0)
     assert torch.equal(state.counts[0], rows[2].output_counts)
     # fixed shapes, no host sync: the same function with every cut on gives the same greedy tokens
-    again = sample_rows(logits, state.params, state.counts, state.seen, state.noise, cut=True)
+    again = sample_rows(logits, state.params, state.counts, state.seen, state.seed_step, cut=True)
     assert again[0] == int(apply_penalties(logits[0], rows[2]).argmax())
 
 

@@ -137,7 +137,6 @@ class StaticRunner:
         self.io_np[0, :n] = tokens
         self.io_np[1, :n] = positions
         self.io_dev[:, :n].copy_(self.io_host[:, :n], non_blocking=True)
-        self.sampling.stage_noise(0, n)
         if self.graphs:
             self._decode_graphs[b].replay()
         else:
@@ -166,7 +165,6 @@ class StaticRunner:
             except Exception:
                 log.exception("capturing a prefill CUDA graph failed; prefilling eagerly from now on")
                 self._prefill_failed = True
-        self.sampling.stage_noise(first_row, first_row + k)
         if graph is None:
             out = torch.zeros(kb, dtype=torch.long, device=self.device)
             self._prefill_body(idx.to(self.device), rows.to(self.device), lengths.to(self.device), out)
@@ -203,6 +201,7 @@ class StaticRunner:
         # the warm-up steps counted junk tokens; every row's state is set again when it is admitted
         self.sampling.counts.zero_()
         self.sampling.seen.zero_()
+        self.sampling.seed_step.zero_()
         torch.cuda.synchronize(self.device)
 
     def _prefill_graph(self, kb: int, tb: int) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -235,8 +234,8 @@ class StaticRunner:
             h = h + self._ffn(i, block.ffn, block.ffn_norm(h))
         logits = m.head(m.norm(h[:, -1]))
         s = self.sampling
-        tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.noise[:b])
-        observe_rows(s.counts, s.seen, rows, tokens)
+        tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.seed_step[:b])
+        observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
         self.tok_out[:b].copy_(tokens)
 
     def _prefill_body(self, idx: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor) -> None:
@@ -251,8 +250,8 @@ class StaticRunner:
         last = h[self.row_ids[:kb], lengths - 1]
         logits = m.head(m.norm(last))
         s = self.sampling
-        tokens = sample_rows(logits, s.params[rows], s.counts[rows], s.seen[rows], s.noise[rows])
-        observe_rows(s.counts, s.seen, rows, tokens)
+        tokens = sample_rows(logits, s.params[rows], s.counts[rows], s.seen[rows], s.seed_step[rows])
+        observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
         out.copy_(tokens)
 
     # ------------------------------------------------------------------ layers

@@ -3,8 +3,8 @@
 Each row of a decode batch may belong to a different request with its own settings, so the
 settings are a per-row parameter table and one set of tensor ops samples every row at once
 (:func:`sample_rows`, no host sync, so it runs inside the engine's CUDA graphs); every sequence
-draws its noise from its own ``torch.Generator``: a request with a ``seed`` gets the same tokens
-whatever else shares the batch.
+draws its randomness from a counter-based hash of its own seed and step (:func:`row_noise`): a
+request with a ``seed`` gets the same tokens whatever else shares the batch.
 
     >>> import torch
     >>> from dsk.serving.sampling import SamplingParams, SequenceSampler, sample_next
@@ -47,13 +47,13 @@ class SamplingParams:
 
 @dataclass
 class SequenceSampler:
-    """The sampling state of one sequence: its params, its RNG and the tokens seen so far."""
+    """The sampling state of one sequence: its params, its seed and the tokens seen so far."""
 
     params: SamplingParams
     prompt_ids: list[int]
     vocab_size: int
     seed_offset: int = 0  # choice index for n > 1, so each choice differs but reproduces
-    generator: torch.Generator = field(init=False)
+    seed: int = field(init=False)  # the request's seed (+ choice index), or a random one
     output_counts: torch.Tensor | None = field(init=False, default=None)
     seen_mask: torch.Tensor | None = field(init=False, default=None)
 
@@ -61,8 +61,7 @@ class SequenceSampler:
         seed = self.params.seed
         if seed is None:
             seed = secrets.randbits(63)
-        self.generator = torch.Generator(device="cpu")
-        self.generator.manual_seed((int(seed) + self.seed_offset) % (1 << 63))
+        self.seed = (int(seed) + self.seed_offset) % (1 << 63)
         if self.params.has_penalties:
             self.output_counts = torch.zeros(self.vocab_size, dtype=torch.float32)
             self.seen_mask = torch.zeros(self.vocab_size, dtype=torch.bool)
@@ -120,28 +119,64 @@ def param_row(p: SamplingParams) -> tuple[float, ...]:
             p.presence_penalty, p.frequency_penalty)
 
 
+_M31 = (1 << 31) - 1
+_GOLDEN = 0x9E3779B9
+
+
+def hash31(x: torch.Tensor) -> torch.Tensor:
+    """An integer mixer (Wellons' "lowbias32" shifts and multipliers, modulo 2**31) on int64
+    tensors holding values in [0, 2**31): every product stays below 2**63, so no overflow."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M31
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M31
+    return x ^ (x >> 16)
+
+
+def row_noise(seed_step: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard exponential draws [R, V], a pure function of each row's (seed, step) [R, 2].
+
+    A counter-based generator (hash the seed, the step and the token id) rather than a
+    ``torch.Generator`` per sequence: a row's draws depend on nothing else in the batch, the
+    whole batch's noise is a few tensor ops on the device (no per-row host work, no transfer,
+    so it lives inside the CUDA graph), and integer ops give the same bits on every device.
+    """
+    seed, step = seed_step.unbind(-1)
+    key = hash31((seed & _M31) ^ hash31(((seed >> 31) & _M31) ^ hash31(step & _M31)))
+    offsets = (torch.arange(vocab_size, device=seed_step.device, dtype=torch.long) * _GOLDEN) & _M31
+    bits = hash31((key[:, None] + offsets[None, :]) & _M31)
+    uniform = ((bits >> 7).float() + 0.5) * (1.0 / (1 << 24))  # 24 bits: exact in float32, never 0 or 1
+    return -uniform.log()
+
+
 def sample_rows(logits: torch.Tensor, params: torch.Tensor, counts: torch.Tensor, seen: torch.Tensor,
-                noise: torch.Tensor, *, cut: bool = True) -> torch.Tensor:
+                seed_step: torch.Tensor, *, cut: bool = True, penalties: bool = True,
+                sampled: bool = True) -> torch.Tensor:
     """One token per row of ``logits`` [R, V], every row with its own settings, as tensor ops only.
 
     ``params`` [R, 6] (PARAM_COLUMNS), ``counts`` [R, V] (each token's count in the output so
-    far), ``seen`` [R, V] bool (in the prompt or the output), ``noise`` [R, V] standard
-    exponential draws from each row's own generator. The draw is the exponential race
-    ``argmax(p / noise)``, which picks token i with probability p_i: all the randomness is in
-    ``noise``, so a row's tokens depend only on its own generator, and the whole function has
-    fixed shapes and no host sync (it runs inside the engine's CUDA graphs). ``cut=False``
-    skips the sort for top-k/top-p when no row asks for them (the eager path knows).
+    far), ``seen`` [R, V] bool (in the prompt or the output), ``seed_step`` [R, 2] int64 (each
+    row's seed and how many tokens it has drawn). The draw is the exponential race
+    ``argmax(p / noise)``, which picks token i with probability p_i, with the noise from
+    :func:`row_noise`: a row's tokens depend only on its seed, and the whole function has fixed
+    shapes and no host sync (it runs inside the engine's CUDA graphs). The eager path, which
+    knows its rows, skips what no row needs: ``cut`` (the sort for top-k/top-p),
+    ``penalties``, ``sampled`` (all rows greedy). Skipped parts are identities, so the tokens
+    are the same either way.
     """
     logits = logits.float()
     temp, top_k, top_p, rep, presence, frequency = params.unbind(-1)
-    # repetition (CTRL/HF, over prompt + output), then presence/frequency (OpenAI, output only);
-    # neutral settings leave a row's logits bit for bit unchanged
-    penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
-    logits = torch.where(seen, penalised, logits)
-    logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
+    if penalties:
+        # repetition (CTRL/HF, over prompt + output), then presence/frequency (OpenAI, output
+        # only); neutral settings leave a row's logits bit for bit unchanged
+        penalised = torch.where(logits > 0, logits / rep[:, None], logits * rep[:, None])
+        logits = torch.where(seen, penalised, logits)
+        logits = logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).float()
     greedy = logits.argmax(dim=-1)
+    if not sampled:
+        return greedy
     scaled = logits / torch.where(temp > 0, temp, torch.ones_like(temp))[:, None]
-    noise = noise.clamp_min(1e-20)  # an exact 0 would make 0/0 for a token that top-k/top-p cut
+    noise = row_noise(seed_step, logits.shape[-1])
     if cut:
         sorted_logits, order = filter_top_k_top_p(scaled, top_k.long(), top_p)
         race = sorted_logits.softmax(dim=-1) / noise.gather(1, order)
@@ -151,37 +186,35 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, counts: torch.Tensor
     return torch.where(temp > 0, drawn, greedy)
 
 
-def observe_rows(counts: torch.Tensor, seen: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Count each row's new token (for the penalties); ``rows`` index ``counts``/``seen``."""
+def observe_rows(counts: torch.Tensor, seen: torch.Tensor, seed_step: torch.Tensor, rows: torch.Tensor,
+                 tokens: torch.Tensor) -> None:
+    """After a draw: count each row's new token (for the penalties) and advance its step."""
     flat = rows * counts.shape[-1] + tokens  # flat indices: index_add_/index_fill_ never sync the host
     counts.view(-1).index_add_(0, flat, torch.ones_like(tokens, dtype=counts.dtype))
     seen.view(-1).index_fill_(0, flat, True)
+    seed_step.view(-1).index_add_(0, rows * 2 + 1, torch.ones_like(rows))
 
 
 class BatchSampler:
     """The sampling state of every row of the engine's batch, on the model's device.
 
-    Row r holds the settings, output counts and seen-token mask of the sequence in cache row
-    r; rows are set when a sequence is admitted and moved with its cache row. Each step, the
-    rows that sample draw their noise on the CPU from their own seeded generator (so a seed
-    gives the same tokens whatever shares the batch), and one copy takes it to the device.
+    Row r holds the settings, output counts, seen-token mask, seed and step of the sequence in
+    cache row r; rows are set when a sequence is admitted and moved with its cache row.
     """
 
     def __init__(self, rows: int, vocab_size: int, device: torch.device):
         self.rows, self.vocab_size, self.device = rows, vocab_size, device
-        pin = device.type == "cuda"
         self.params = torch.tensor([NEUTRAL_ROW] * rows, dtype=torch.float32, device=device)
         self.counts = torch.zeros(rows, vocab_size, dtype=torch.float32, device=device)
         self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=device)
-        self.noise = torch.ones(rows, vocab_size, dtype=torch.float32, device=device)
-        self.noise_host = torch.ones(rows, vocab_size, dtype=torch.float32, pin_memory=pin)
-        self._noise_rows = list(self.noise_host.unbind(0))  # views made once, not per step
+        self.seed_step = torch.zeros(rows, 2, dtype=torch.long, device=device)
         self.samplers: list[SequenceSampler | None] = [None] * rows
         self._all_rows = torch.arange(rows, device=device)
 
     def set_row(self, row: int, sampler: SequenceSampler) -> None:
         self.samplers[row] = sampler
         self.params[row] = torch.tensor(param_row(sampler.params), dtype=torch.float32)
+        self.seed_step[row] = torch.tensor([sampler.seed, 0], dtype=torch.long)
         self.counts[row].zero_()
         if sampler.seen_mask is not None:
             self.seen[row].copy_(sampler.seen_mask)
@@ -190,31 +223,23 @@ class BatchSampler:
 
     def move_row(self, src: int, dst: int) -> None:
         self.samplers[dst], self.samplers[src] = self.samplers[src], None
-        for t in (self.params, self.counts, self.seen):
+        for t in (self.params, self.counts, self.seen, self.seed_step):
             t[dst] = t[src]
 
-    def stage_noise(self, start: int, stop: int) -> None:
-        """Fresh noise for rows start..stop-1 that sample (greedy rows need none), sent to the device."""
-        for r in range(start, stop):
-            s = self.samplers[r]
-            if s is not None and not s.params.greedy:
-                self._noise_rows[r].exponential_(generator=s.generator)
-        # non_blocking from pinned memory: the step's token read (a sync) comes after it, so
-        # the host rows are never rewritten while the copy is in flight
-        self.noise[start:stop].copy_(self.noise_host[start:stop], non_blocking=True)
-
-    def needs_cut(self, start: int, stop: int) -> bool:
-        return any(s is not None and not s.params.greedy and (s.params.top_k > 0 or s.params.top_p < 1.0)
-                   for s in self.samplers[start:stop])
+    def needs(self, start: int, stop: int) -> dict[str, bool]:
+        """Which parts of :func:`sample_rows` rows start..stop-1 need (the eager path skips the rest)."""
+        active = [s.params for s in self.samplers[start:stop] if s is not None]
+        sampled = [p for p in active if not p.greedy]
+        return {"cut": any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+                "penalties": any(p.has_penalties for p in active), "sampled": bool(sampled)}
 
     def sample(self, logits: torch.Tensor, start: int) -> torch.Tensor:
         """Eager: tokens [k] for logits [k, V] of rows start..start+k-1, counted for the penalties."""
         stop = start + logits.shape[0]
-        self.stage_noise(start, stop)
         rows = slice(start, stop)
-        tokens = sample_rows(logits, self.params[rows], self.counts[rows], self.seen[rows], self.noise[rows],
-                             cut=self.needs_cut(start, stop))
-        observe_rows(self.counts, self.seen, self._all_rows[rows], tokens)
+        tokens = sample_rows(logits, self.params[rows], self.counts[rows], self.seen[rows], self.seed_step[rows],
+                             **self.needs(start, stop))
+        observe_rows(self.counts, self.seen, self.seed_step, self._all_rows[rows], tokens)
         return tokens
 
 
@@ -230,5 +255,5 @@ def sample_next(logits: torch.Tensor, samplers: list[SequenceSampler]) -> torch.
         state.set_row(r, s)
         if s.output_counts is not None:
             state.counts[r] = s.output_counts
-    state.stage_noise(0, len(samplers))
-    return sample_rows(logits, state.params, state.counts, state.seen, state.noise, cut=state.needs_cut(0, len(samplers)))
+    return sample_rows(logits, state.params, state.counts, state.seen, state.seed_step,
+                       **state.needs(0, len(samplers)))
