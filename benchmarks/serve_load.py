@@ -89,7 +89,8 @@ def free_port() -> int:
 
 def start_server(home: Path, model_id: str, *, max_batch_size: int, device: str, port: int,
                  threads: int) -> subprocess.Popen:
-    env = {**os.environ, "DSK_HOME": str(home), "PYTHONPATH": str(REPO / "src")}
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "DSK_HOME": str(home), "PYTHONPATH": path}
     env.pop("DSK_API_KEYS", None)
     cmd = [sys.executable, "-m", "dsk", "serve", model_id, "--port", str(port), "--device", device,
            "--max-batch-size", str(max_batch_size), "--max-queue", "10000", "--request-timeout-s", "3600",
