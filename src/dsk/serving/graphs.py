@@ -117,11 +117,12 @@ class StaticRunner:
         self._prefill_failed = False
         if self.graphs:
             try:
-                self._capture_decode()
-                # the usual prompt widths too, so the first requests pay no capture
-                for tb in (w for w in PREFILL_WIDTHS[:3] if w <= self.max_len):
-                    for kb in self.decode_sizes:
-                        self._prefill_graph(kb, tb)
+                with torch.inference_mode():
+                    self._capture_decode()
+                    # the usual prompt widths too, so the first requests pay no capture
+                    for tb in (w for w in PREFILL_WIDTHS[:3] if w <= self.max_len):
+                        for kb in self.decode_sizes:
+                            self._prefill_graph(kb, tb)
             except Exception:  # a driver or op that cannot be captured: same steps, launched eagerly
                 log.exception("capturing the decode CUDA graphs failed; running the steps eagerly")
                 self.graphs = False
