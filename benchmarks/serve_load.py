@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -88,7 +89,8 @@ def free_port() -> int:
 
 def start_server(home: Path, model_id: str, *, max_batch_size: int, device: str, port: int,
                  threads: int) -> subprocess.Popen:
-    env = {**os.environ, "DSK_HOME": str(home), "PYTHONPATH": str(REPO / "src")}
+    path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "DSK_HOME": str(home), "PYTHONPATH": path}
     env.pop("DSK_API_KEYS", None)
     cmd = [sys.executable, "-m", "dsk", "serve", model_id, "--port", str(port), "--device", device,
            "--max-batch-size", str(max_batch_size), "--max-queue", "10000", "--request-timeout-s", "3600",
@@ -180,25 +182,64 @@ def pct(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-async def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
+async def client_group(url: str, model: str, first: int, count: int, start: float, end: float,
+                       max_tokens: int) -> dict:
+    """``count`` clients (numbered from ``first``) on one asyncio loop, from wall time ``start`` to ``end``."""
     import httpx
 
     stats = {"ttft": [], "latency": [], "tokens": [], "errors": 0, "error_kinds": []}
-    before = scrape(url)
-    mem = [before.get("process_resident_memory_bytes", 0)]
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    limits = httpx.Limits(max_connections=count + 4, max_keepalive_connections=count + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600), limits=limits) as client:
-        start = time.monotonic()
-        end = start + duration
-        tasks = [asyncio.create_task(one_client(client, url, model, max_tokens, end, k, stats)) for k in range(clients)]
-        while time.monotonic() < end:
-            await asyncio.sleep(min(1.0, max(end - time.monotonic(), 0.01)))
-            mem.append((await asyncio.to_thread(scrape, url)).get("process_resident_memory_bytes", 0))
-        after = await asyncio.to_thread(scrape, url)
-        elapsed = time.monotonic() - start
+        await asyncio.sleep(max(start - time.time(), 0))
+        deadline = time.monotonic() + (end - time.time())
+        tasks = [asyncio.create_task(one_client(client, url, model, max_tokens, deadline, k, stats))
+                 for k in range(first, first + count)]
+        await asyncio.sleep(max(deadline - time.monotonic(), 0))
         for t in tasks:  # requests still running are dropped; the server frees their slots
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return stats
+
+
+def _client_process(url: str, model: str, first: int, count: int, start: float, end: float, max_tokens: int,
+                    out: Any) -> None:
+    started_cpu = time.process_time()
+    stats = asyncio.run(client_group(url, model, first, count, start, end, max_tokens))
+    stats["cpu_s"] = time.process_time() - started_cpu
+    out.put(stats)
+
+
+def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: int, procs: int) -> dict:
+    """One phase: ``clients`` clients spread over ``procs`` load-generator processes (so that on a
+    fast server the clients' own JSON/SSE parsing is not what limits the rate)."""
+    import multiprocessing as mp
+
+    procs = max(1, min(procs, clients))
+    before = scrape(url)
+    mem = [before.get("process_resident_memory_bytes", 0)]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start = time.time() + (2.0 if procs > 1 else 0.2)  # spawned processes need a moment to start
+    end = start + duration
+    workers = []
+    for g in range(procs):
+        first, count = g * clients // procs, (g + 1) * clients // procs - g * clients // procs
+        w = ctx.Process(target=_client_process, args=(url, model, first, count, start, end, max_tokens, out))
+        w.start()
+        workers.append(w)
+    time.sleep(max(start - time.time(), 0))
+    before = scrape(url)
+    t0 = time.monotonic()
+    while time.time() < end:
+        time.sleep(min(1.0, max(end - time.time(), 0.01)))
+        mem.append(scrape(url).get("process_resident_memory_bytes", 0))
+    after = scrape(url)
+    elapsed = time.monotonic() - t0
+    groups = [out.get(timeout=120) for _ in workers]
+    for w in workers:
+        w.join(timeout=30)
+    stats = {k: [v for g in groups for v in g[k]] for k in ("ttft", "latency", "tokens", "error_kinds")}
+    stats["errors"] = sum(g["errors"] for g in groups)
     generated = after["dsk_generated_tokens_total"] - before["dsk_generated_tokens_total"]
     steps = max(after["dsk_engine_steps_total"] - before["dsk_engine_steps_total"], 1)
     busy = after["dsk_engine_busy_seconds_total"] - before["dsk_engine_busy_seconds_total"]
@@ -219,6 +260,10 @@ async def run_phase(url: str, model: str, clients: int, duration: float, max_tok
         "rss_peak_mb": round(max(mem) / 2**20, 1),
         "cuda_peak_mb": round(after["dsk_cuda_max_memory_allocated_bytes"] / 2**20, 1)
         if "dsk_cuda_max_memory_allocated_bytes" in after else None,
+        # the load generator's own CPU use (share of one core per process): near 100% would
+        # mean the clients, not the server, set the pace
+        "client_procs": procs,
+        "client_cpu_max": round(max(g["cpu_s"] for g in groups) / max(elapsed, 1e-9), 2),
     }
 
 
@@ -251,15 +296,16 @@ class Server:
                 "model": self.model_id, "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 8}).raise_for_status()
 
-    def phase(self, clients: int, duration: float, max_tokens: int) -> dict:
+    def phase(self, clients: int, duration: float, max_tokens: int, procs: int) -> dict:
         wait_idle(self.url)
-        result = asyncio.run(run_phase(self.url, self.model_id, clients, duration, max_tokens))
+        result = run_phase(self.url, self.model_id, clients, duration, max_tokens, procs)
         result["max_batch_size"] = self.max_batch_size
         print(f"  batch≤{self.max_batch_size:<3} clients={clients:<3} {result['tokens_per_s']:>8.1f} tok/s  "
               f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
               f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB  "
               f"step {result['step_ms']}ms (forward {result['forward_ms']}ms, busy {result['engine_busy']:.0%}, "
-              f"{result['tokens_per_step']} tok/step)", flush=True)
+              f"{result['tokens_per_step']} tok/step; clients: {result['client_procs']} procs, "
+              f"busiest {result['client_cpu_max']:.0%} CPU)", flush=True)
         return result
 
     def stop(self) -> None:
@@ -271,7 +317,7 @@ class Server:
 
 
 def engine_only(model_dir: Path, *, batch_sizes: list[int], device: str, threads: int, max_tokens: int,
-                rounds: int = 3) -> list[dict]:
+                rounds: int = 3, static: bool | None = None) -> list[dict]:
     """The engine without HTTP, in this process: B requests at once, B = each batch size in
     turn, alternating for ``rounds`` rounds (best round kept), so that load from other
     processes hits every batch size alike. Tells the batching gain apart from serving overhead."""
@@ -285,7 +331,8 @@ def engine_only(model_dir: Path, *, batch_sizes: list[int], device: str, threads
 
     if threads:
         torch.set_num_threads(threads)
-    engine, codec = load_engine(model_dir, device=device, max_batch_size=max(batch_sizes), max_queue=10_000)
+    engine, codec = load_engine(model_dir, device=device, max_batch_size=max(batch_sizes), max_queue=10_000,
+                                static=static)
     engine.start()
     ids = codec.chat_ids([{"role": "user", "content": QUESTIONS[0]}])
     params = SamplingParams(temperature=0.8, max_tokens=max_tokens, ignore_eos=True)
@@ -307,8 +354,9 @@ def engine_only(model_dir: Path, *, batch_sizes: list[int], device: str, threads
         engine.stop()
     base = best[min(batch_sizes)]
     rows = [{"batch": b, "tokens_per_s": round(best[b], 1), "speedup": round(best[b] / base, 2)} for b in batch_sizes]
+    label = {None: "", True: " (static steps)", False: " (model's own forward, no CUDA graphs)"}[static]
     for r in rows:
-        print(f"  engine only: batch {r['batch']:<3} {r['tokens_per_s']:>8.1f} tok/s  ({r['speedup']}× batch 1)",
+        print(f"  engine only{label}: batch {r['batch']:<3} {r['tokens_per_s']:>8.1f} tok/s  ({r['speedup']}× batch 1)",
               flush=True)
     return rows
 
@@ -321,9 +369,9 @@ def fmt(v: float | None) -> str:
 
 
 def write_report(result: dict) -> None:
-    out_dir = HERE / "results"
+    out_dir = Path(result.get("out_dir") or HERE / "results")
     out_dir.mkdir(exist_ok=True)
-    (out_dir / "serve_load.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / f"{result['out_name']}.json").write_text(json.dumps(result, indent=2) + "\n")
     batched = {p["clients"]: p for p in result["batched"]}
     base = {p["clients"]: p for p in result["baseline"]}
     lines = [
@@ -353,14 +401,22 @@ def write_report(result: dict) -> None:
     lines += ["", "Where a batched step's time goes (server side): "
               + ", ".join(f"{p['clients']} clients {p['step_ms']:.0f} ms/step ({p['forward_ms']:.0f} ms forward, "
                           f"engine busy {p['engine_busy']:.0%})" for p in result["batched"])]
+    if any("client_cpu_max" in p for p in result["batched"]):
+        lines += ["", "Load generator (batched phases): "
+                  + ", ".join(f"{p['clients']} clients on {p['client_procs']} process(es), busiest at "
+                              f"{p['client_cpu_max']:.0%} of a core" for p in result["batched"])]
     if result.get("engine_only"):
         lines += ["", "Engine only (no HTTP, one process, batch sizes alternated, best of 3): "
                   + ", ".join(f"batch {r['batch']} {r['tokens_per_s']:.0f} tok/s ({r['speedup']:.1f}×)"
                               for r in result["engine_only"])]
+    if result.get("engine_only_eager"):
+        lines += ["", "Engine only, the model's own forward (no fixed-shape steps, no CUDA graphs): "
+                  + ", ".join(f"batch {r['batch']} {r['tokens_per_s']:.0f} tok/s ({r['speedup']:.1f}×)"
+                              for r in result["engine_only_eager"])]
     if any(p.get("cuda_peak_mb") for p in result["batched"]):
         lines += ["", "CUDA peak memory (MB), batched: "
                   + ", ".join(f"{p['clients']} clients {p['cuda_peak_mb']}" for p in result["batched"])]
-    (out_dir / "serve_load.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{result['out_name']}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -377,6 +433,12 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="the server's torch CPU threads (1: on a shared 2-core machine OpenMP spin-waits "
                          "make 2 threads many times slower; 0 = torch's default)")
+    ap.add_argument("--client-procs", type=int, default=0,
+                    help="load-generator processes (0: 1 on cpu, where cores are scarce; on cuda one per 8 clients)")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="also measure the engine alone with the model's own forward (static steps off)")
+    ap.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
+    ap.add_argument("--out-name", default="serve_load", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--quick", action="store_true", help="4 s phases, 1/4/16 clients")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine measurement")
@@ -407,15 +469,19 @@ def main() -> int:
             for server in servers:
                 server.warm_up()
             for n in clients:
-                batched.append(servers[0].phase(n, args.duration, args.max_tokens))
+                procs = args.client_procs or (1 if args.device == "cpu" else -(-n // 8))
+                batched.append(servers[0].phase(n, args.duration, args.max_tokens, procs))
                 if len(servers) > 1:
-                    baseline.append(servers[1].phase(n, args.duration, args.max_tokens))
+                    baseline.append(servers[1].phase(n, args.duration, args.max_tokens, procs))
         finally:
             for server in servers:
                 server.stop()
         engine_rows = [] if args.skip_engine_only else engine_only(
             art.path, batch_sizes=sorted({1, *clients}), device=args.device, threads=args.threads,
             max_tokens=args.max_tokens)
+        eager_rows = engine_only(
+            art.path, batch_sizes=sorted({1, *clients}), device=args.device, threads=args.threads,
+            max_tokens=args.max_tokens, static=False) if args.compare_eager else []
         machine = f"{platform.machine()}, {os.cpu_count()} CPUs"
         if args.device == "cuda":
             import torch
@@ -425,8 +491,9 @@ def main() -> int:
             "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
             "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
             "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
-            "threads": args.threads,
-            "batched": batched, "baseline": baseline, "engine_only": engine_rows, "wall_s": round(time.monotonic() - started, 1),
+            "threads": args.threads, "out_name": args.out_name,
+            "out_dir": args.out_dir,
+            "batched": batched, "baseline": baseline, "engine_only": engine_rows, "engine_only_eager": eager_rows, "wall_s": round(time.monotonic() - started, 1),
         }
         write_report(result)
         return 0 if all(p["errors"] == 0 for p in batched + baseline) else 1

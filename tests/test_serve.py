@@ -407,14 +407,16 @@ def test_n_choices_and_stop_strings(server):
     assert cut.finish_reason == "stop" and cut.text == full[: full.find(stop)]
 
 
-def test_continuous_batching_short_requests_do_not_wait(model_dir):
-    """Requests join and leave the running batch between decode steps; results stay exact."""
+@pytest.mark.parametrize("static", [False, True], ids=["model-forward", "static-steps"])
+def test_continuous_batching_short_requests_do_not_wait(model_dir, static):
+    """Requests join and leave the running batch between decode steps; results stay exact
+    (also through the fixed-shape steps that CUDA replays as graphs, run eagerly here)."""
     import queue
 
     from dsk.models import load_model
     from dsk.serving.engine import collect, iter_queue
 
-    engine, codec = load_engine(model_dir, max_batch_size=2)
+    engine, codec = load_engine(model_dir, max_batch_size=2, static=static)
     engine.start()
     model, _, _ = load_model(model_dir)
     try:
@@ -629,3 +631,33 @@ def test_backend_errors(model_dir, onnx_dir):
         load_engine(model_dir, backend="onnx")
     with pytest.raises(DskError, match="CPU"):
         load_engine(onnx_dir, backend="onnx", device="cuda")
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["model-forward", "static-steps"])
+def test_engine_seeded_sampling_is_per_request(model_dir, static):
+    """A seed gives the same tokens alone or in a batch with other settings; other seeds differ."""
+    import queue
+
+    from dsk.serving.engine import collect, iter_queue
+
+    engine, codec = load_engine(model_dir, max_batch_size=4, static=static)
+    engine.start()
+    try:
+        ids = codec.encode("ROMEO:")
+        seeded = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=16, ignore_eos=True,
+                                presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2)
+        alone = engine.generate(ids, seeded).choices[0].token_ids
+        others = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                  SamplingParams(temperature=1.5, seed=1, max_tokens=9, ignore_eos=True),
+                  seeded, SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=8, max_tokens=16,
+                                         ignore_eos=True, presence_penalty=0.5, frequency_penalty=0.3,
+                                         repetition_penalty=1.2)]
+        queues = [queue.Queue() for _ in others]
+        reqs = [engine.submit(codec.encode(p), params, q.put)
+                for p, params, q in zip(["JULIET:", "Nurse:", "ROMEO:", "ROMEO:"], others, queues)]
+        results = [collect(iter_queue(q), request=r).choices[0].token_ids for q, r in zip(queues, reqs)]
+        assert results[2] == alone
+        assert results[3] != alone
+        assert len(results[0]) == 20 and len(results[1]) == 9
+    finally:
+        engine.stop()

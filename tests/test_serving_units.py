@@ -169,3 +169,71 @@ def test_absorbed_mla_decode_matches_the_model():
         assert torch.equal(reference(ids).logits, fast(ids).logits)
     dense = Transformer(ModelConfig.preset("tiny-dense", vocab_size=64))
     assert install_absorbed_mla(dense) == 0  # no MLA layers: nothing to switch
+
+
+# --------------------------------------------------------------------------- batched sampling + fixed-shape steps
+
+
+def test_batched_sampler_applies_each_rows_penalties():
+    from dsk.serving.sampling import BatchSampler, sample_rows
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, V)
+    settings = [dict(temperature=0.0), dict(temperature=0.0, repetition_penalty=3.0, prompt=[3, 4, 5]),
+                dict(temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5),
+                dict(temperature=0.0, frequency_penalty=-2.0), dict(temperature=0.0, repetition_penalty=0.2),
+                dict(temperature=0.0, presence_penalty=4.0, prompt=[])]
+    rows = [sampler(**kw) for kw in settings]
+    state = BatchSampler(len(rows), V, torch.device("cpu"))
+    for r, s in enumerate(rows):
+        state.set_row(r, s)
+    for step in range(5):  # greedy rows: the argmax of exactly the per-row reference penalties
+        tokens = state.sample(logits, 0)
+        expected = [int(apply_penalties(logits[r], s).argmax()) if s.params.has_penalties else int(logits[r].argmax())
+                    for r, s in enumerate(rows)]
+        assert tokens.tolist() == expected, step
+        for s, tok in zip(rows, tokens.tolist()):
+            s.observe(tok)
+    assert tokens.tolist() != logits.argmax(-1).tolist()  # the penalties changed something
+    # a moved row keeps its settings and counts
+    state.move_row(2, 0)
+    assert torch.equal(state.counts[0], rows[2].output_counts)
+    # fixed shapes, no host sync: the same function with every cut on gives the same greedy tokens
+    again = sample_rows(logits, state.params, state.counts, state.seen, state.seed_step, cut=True)
+    assert again[0] == int(apply_penalties(logits[0], rows[2]).argmax())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-dense", "tiny-v3"])
+def test_static_steps_match_the_models_forward(preset):
+    """The fixed-shape steps (full-cache masked attention, dense MoE, in-step sampling) that the
+    engine replays as CUDA graphs give the model's own tokens, greedy and seeded."""
+    from dsk.models import ModelConfig, Transformer
+    from dsk.serving.engine import TorchBackend
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset(preset, vocab_size=64)
+    reference = Transformer(cfg).eval()
+    fast = Transformer(cfg).eval()
+    fast.load_state_dict(reference.state_dict())
+    plain, static = TorchBackend(reference, 4, "cpu", static=False), TorchBackend(fast, 4, "cpu", static=True)
+    assert plain.runner is None and static.runner is not None
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+    kinds = [dict(temperature=0.0), dict(temperature=0.8, top_p=0.9, seed=3), dict(temperature=1.2, top_k=5, seed=4)]
+    for backend in (plain, static):
+        for r, (p, kw) in enumerate(zip(prompts, kinds)):
+            backend.set_row(r, SequenceSampler(SamplingParams(**kw), p, 64))
+    with torch.no_grad():
+        a, b = plain.prefill(0, prompts), static.prefill(0, prompts)
+        assert a == b
+        positions = [len(p) for p in prompts]
+        for step in range(12):
+            a, b = plain.decode(a, positions), static.decode(b, positions)
+            assert a == b, step
+            positions = [p + 1 for p in positions]
+    # the dense MoE is the model's MoE
+    moe_layers = [i for i, blk in enumerate(fast.layers) if type(blk.ffn).__name__ == "MoE"]
+    for i in moe_layers:
+        x = torch.randn(3, 5, cfg.dim)
+        with torch.no_grad():
+            assert torch.allclose(static.runner._ffn(i, fast.layers[i].ffn, x), reference.layers[i].ffn(x)[0],
+                                  atol=1e-5, rtol=1e-4)

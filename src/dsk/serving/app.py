@@ -407,34 +407,47 @@ def create_app(
         try:
             if kind == "chat":
                 yield chunk([choice(i, "", None, role=True) for i in range(n)])
-            while True:
-                ev = await events.get()
-                if ev.kind == "delta":
-                    if first is None:
-                        first = time.monotonic()
-                        metrics.ttft.observe(first - started)
-                    outputs[ev.choice] += ev.text
-                    yield chunk([choice(ev.choice, ev.text, None)])
-                elif ev.kind == "finish":
-                    reasons[ev.choice] = ev.finish_reason
-                    if ev.finish_reason == "timeout":
-                        err = ApiError(504, f"the request took longer than the server's "
-                                            f"{config.request_timeout_s:g}s timeout", code="timeout")
-                        note(request, stream_error=err.message)
-                        yield f"data: {json.dumps(err.body())}\n\n"
-                        handle.cancel()
+            finished = False
+            while not finished:
+                # everything already waiting goes out in one write: a stream that fell behind the
+                # engine catches up with fewer, larger sends instead of one send per token
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                pending: list[str] = []
+                for ev in batch:
+                    if ev.kind == "delta":
+                        if first is None:
+                            first = time.monotonic()
+                            metrics.ttft.observe(first - started)
+                        outputs[ev.choice] += ev.text
+                        pending.append(chunk([choice(ev.choice, ev.text, None)]))
+                    elif ev.kind == "finish":
+                        reasons[ev.choice] = ev.finish_reason
+                        if ev.finish_reason == "timeout":
+                            err = ApiError(504, f"the request took longer than the server's "
+                                                f"{config.request_timeout_s:g}s timeout", code="timeout")
+                            note(request, stream_error=err.message)
+                            pending.append(f"data: {json.dumps(err.body())}\n\n")
+                            handle.cancel()
+                            finished = True
+                            break
+                        pending.append(chunk([choice(ev.choice, None if kind == "chat" else "", ev.finish_reason)]))
+                    elif ev.kind == "error":
+                        note(request, stream_error=ev.text)
+                        pending.append(f"data: {json.dumps(ApiError(ev.code, ev.text).body())}\n\n")
+                        finished = True
                         break
-                    yield chunk([choice(ev.choice, None if kind == "chat" else "", ev.finish_reason)])
-                elif ev.kind == "error":
-                    note(request, stream_error=ev.text)
-                    yield f"data: {json.dumps(ApiError(ev.code, ev.text).body())}\n\n"
-                    break
-                elif ev.kind == "done":
-                    note(request, completion_tokens=(ev.usage or {}).get("completion_tokens"))
-                    if include_usage:
-                        yield chunk([], ev.usage)
-                    break
-            yield "data: [DONE]\n\n"
+                    elif ev.kind == "done":
+                        note(request, completion_tokens=(ev.usage or {}).get("completion_tokens"))
+                        if include_usage:
+                            pending.append(chunk([], ev.usage))
+                        finished = True
+                        break
+                if finished:
+                    pending.append("data: [DONE]\n\n")
+                if pending:
+                    yield "".join(pending)
             metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         finally:
             # also reached when the client disconnects mid-stream: free the slot at once

@@ -37,7 +37,7 @@ import torch
 
 from dsk.errors import DskError
 from dsk.serving.filter import ContentFilter
-from dsk.serving.sampling import SamplingParams, SequenceSampler, sample_next
+from dsk.serving.sampling import BatchSampler, SamplingParams, SequenceSampler
 
 log = logging.getLogger("dsk.serving")
 
@@ -146,10 +146,12 @@ class Engine:
         content_filter: ContentFilter | None = None,
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         device: str | torch.device | None = None,
+        static: bool | None = None,
     ):
         if max_batch_size < 1:
             raise DskError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.backend = model if isinstance(model, OnnxBackend) else TorchBackend(model, max_batch_size, device)
+        self.backend = (model if isinstance(model, OnnxBackend)
+                        else TorchBackend(model, max_batch_size, device, static=static))
         self.codec = codec
         self.max_len = self.backend.max_len
         self.vocab_size = self.backend.vocab_size
@@ -343,26 +345,26 @@ class Engine:
             self.prompt_tokens_total += len(req.prompt_ids)
         first_row = len(self._running)
         self._running.extend(new)  # before the forward pass: if it fails, _fail_all answers them too
-        logits = self._prefill(first_row, [c.request.prompt_ids for c in new])
-        tokens = sample_next(logits, [c.sampler for c in new]).tolist()
+        for row, c in enumerate(new, start=first_row):
+            self.backend.set_row(row, c.sampler)
+        tokens = self._prefill(first_row, [c.request.prompt_ids for c in new])
         for c, tok in zip(new, tokens):
             self._append(c, tok)
         self._remove_finished()
 
-    def _prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
+    def _prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
         started = time.perf_counter()
-        logits = self.backend.prefill(first_row, prompts)
+        tokens = self.backend.prefill(first_row, prompts)
         self.forward_seconds += time.perf_counter() - started
-        return logits
+        return tokens
 
     def _decode(self) -> None:
+        running = self._running
         started = time.perf_counter()
-        logits = self.backend.decode([c.out_ids[-1] for c in self._running], [c.pos for c in self._running])
+        tokens = self.backend.decode([c.out_ids[-1] for c in running], [c.pos for c in running])
         self.forward_seconds += time.perf_counter() - started
-        for c in self._running:
+        for c, tok in zip(running, tokens):
             c.pos += 1
-        tokens = sample_next(logits, [c.sampler for c in self._running]).tolist()
-        for c, tok in zip(self._running, tokens):
             self._append(c, tok)
         self._remove_finished()
 
@@ -392,7 +394,6 @@ class Engine:
             req.first_token_at = time.monotonic()
         c.n_generated += 1
         self.generated_tokens_total += 1
-        c.sampler.observe(token)
         finish = None
         if token in self.codec.stop_ids and not p.ignore_eos:
             finish = "stop"
@@ -471,12 +472,18 @@ class Engine:
 class TorchBackend:
     """A dsk Transformer over one preallocated per-row KV cache (`model.new_cache`).
 
-    The running batch occupies rows 0..n-1; the model reads and writes a contiguous view of
-    them, each row at its own position (`start_pos`).
+    The running batch occupies rows 0..n-1; each step reads and writes them in place, each row
+    at its own position, and samples every row with its own settings (:class:`BatchSampler`,
+    rows aligned with the cache's). Steps run one of two ways:
+
+    - ``static`` (the default on CUDA): :class:`dsk.serving.graphs.StaticRunner`, fixed-shape
+      steps with sampling inside, replayed as CUDA graphs: one host sync per step;
+    - otherwise the model's own forward on a contiguous view of rows 0..n-1 (exactly
+      ``model.generate``'s arithmetic; the CPU default, where launches cost nothing).
     """
 
     def __init__(self, model: Any, max_batch_size: int, device: str | torch.device | None = None,
-                 *, absorb_mla: bool = True):
+                 *, absorb_mla: bool = True, static: bool | None = None):
         self.model = model
         # decode steps of MLA layers in the absorbed form (same function, far fewer FLOPs at batch > 1)
         self.absorbed_layers = 0
@@ -488,7 +495,17 @@ class TorchBackend:
         self.vocab_size = int(model.cfg.vocab_size)
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        self.cache = model.new_cache(batch_size=max_batch_size, max_len=self.max_len, device=self.device, dtype=dtype)
+        # one row more than the batch: scratch for the padding rows of a fixed-shape prefill
+        rows = max_batch_size + 1
+        self.cache = model.new_cache(batch_size=rows, max_len=self.max_len, device=self.device, dtype=dtype)
+        self.sampling = BatchSampler(rows, self.vocab_size, self.device)
+        self.runner = None
+        from dsk.serving.graphs import StaticRunner, supports_static
+
+        if static is None:
+            static = self.device.type == "cuda"
+        if static and supports_static(model):
+            self.runner = StaticRunner(model, self.cache, self.sampling, max_batch_size=max_batch_size)
 
     def rows(self, start: int, stop: int) -> Any:
         """A view of cache rows start..stop-1 that the model reads and writes in place."""
@@ -497,13 +514,18 @@ class TorchBackend:
         view.batch_size = stop - start
         return view
 
-    def prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
-        """Right-padded prompts through rows first_row..; logits [k, V] at each last real token.
+    def set_row(self, row: int, sampler: SequenceSampler) -> None:
+        self.sampling.set_row(row, sampler)
+
+    def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
+        """Right-padded prompts through rows first_row..; the first sampled token of each.
 
         Padding writes junk into the cache past a row's prompt, but those positions are
         overwritten by the row's next tokens before any query can see them (the mask lets a
         query at position p see keys 0..p only).
         """
+        if self.runner is not None:
+            return self.runner.prefill(first_row, prompts)
         k = len(prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         width = max(len(p) for p in prompts)
@@ -517,22 +539,23 @@ class TorchBackend:
         # would cost k*T*V floats for nothing
         hidden, _, _ = m.trunk(m.embed(idx), positions, self.rows(first_row, first_row + k))
         last = hidden[torch.arange(k, device=self.device), lengths - 1]
-        return m.head(m.norm(last)).float()
+        return self.sampling.sample(m.head(m.norm(last)), first_row).tolist()
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
-        """One token for each of rows 0..n-1 at its own position; logits [n, V]."""
+    def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
+        """One token for each of rows 0..n-1 at its own position; the sampled next tokens."""
+        if self.runner is not None:
+            return self.runner.decode(tokens, positions)
         n = len(tokens)
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         start = torch.tensor(positions, dtype=torch.long, device=self.device)
         logits = self.model(idx, cache=self.rows(0, n), start_pos=start).logits[:, -1]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # so the engine's forward time means the forward pass
-        return logits
+        return self.sampling.sample(logits, 0).tolist()
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         for layer in self.cache.layers:
             for t in layer.values():
                 t[dst, :length] = t[src, :length]
+        self.sampling.move_row(src, dst)
 
 
 class OnnxBackend:
@@ -550,27 +573,32 @@ class OnnxBackend:
         self.vocab_size = int(lm.vocab_size)
         self.device = torch.device("cpu")
         self.past: list[Any] = [None] * max_batch_size
+        self.sampling = BatchSampler(max_batch_size, self.vocab_size, self.device)
 
-    def prefill(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
+    def set_row(self, row: int, sampler: SequenceSampler) -> None:
+        self.sampling.set_row(row, sampler)
+
+    def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
         import numpy as np
 
         out = []
         for r, prompt in enumerate(prompts):
             logits, self.past[first_row + r] = self.lm.prefill(np.asarray([prompt], dtype=np.int64))
             out.append(torch.from_numpy(np.ascontiguousarray(logits[0])))
-        return torch.stack(out).float()
+        return self.sampling.sample(torch.stack(out).float(), first_row).tolist()
 
-    def decode(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
         import numpy as np
 
         out = []
         for r, tok in enumerate(tokens):
             logits, self.past[r] = self.lm.step(np.asarray([tok], dtype=np.int64), self.past[r])
             out.append(torch.from_numpy(np.ascontiguousarray(logits[0])))
-        return torch.stack(out).float()
+        return self.sampling.sample(torch.stack(out).float(), 0).tolist()
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         self.past[dst], self.past[src] = self.past[src], None
+        self.sampling.move_row(src, dst)
 
 
 def _partial_suffix(text: str, stop: str) -> int:

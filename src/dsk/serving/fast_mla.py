@@ -35,8 +35,21 @@ def absorbed_forward(self: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     B, T, _ = x.shape
     if layer_cache is None or T != 1 or attn_mask is not None:
         return type(self).forward(self, x, cos, sin, positions, layer_cache, attn_mask)
-    from dsk.models.model import _write, apply_rope, cache_mask
+    from dsk.models.model import cache_mask
 
+    kv_len = int(positions.max()) + 1
+    rows = torch.arange(B, device=x.device)
+    return absorbed_step(self, x, cos, sin, positions, rows, layer_cache, kv_len, cache_mask(positions, kv_len))
+
+
+def absorbed_step(self: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  rows: torch.Tensor, layer_cache: dict, kv_len: int, visible: torch.Tensor) -> torch.Tensor:
+    """One cached step of MLA layer ``self`` for x [B, 1, D]: write the new latent at
+    ``positions`` of cache rows ``rows``, attend over the first ``kv_len`` cached positions
+    where ``visible`` (bool, broadcast to [B, H, 1, kv_len]) allows."""
+    from dsk.models.model import _write, apply_rope
+
+    B, T, _ = x.shape
     q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
     q = q.view(B, T, self.n_heads, self.nope + self.rope).transpose(1, 2)
     q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
@@ -44,8 +57,6 @@ def absorbed_forward(self: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
     kv = self.kv_norm(kv)
     k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
-    rows = torch.arange(B, device=x.device)
-    kv_len = int(positions.max()) + 1
     _write(layer_cache["kv"], rows, positions, kv)
     _write(layer_cache["k_rope"], rows, positions, k_rope)
     latent = layer_cache["kv"][:, :kv_len].to(kv.dtype)  # [B, S, rank]
@@ -54,7 +65,7 @@ def absorbed_forward(self: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]
     q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, w_uk)
     scores = torch.einsum("bhtr,bsr->bhts", q_latent, latent) + torch.einsum("bhtd,bsd->bhts", q_rope, rope_keys)
-    scores = (scores * self.scale).float().masked_fill(~cache_mask(positions, kv_len), float("-inf"))
+    scores = (scores * self.scale).float().masked_fill(~visible, float("-inf"))
     out_latent = torch.einsum("bhts,bsr->bhtr", scores.softmax(dim=-1).to(latent.dtype), latent)
     y = torch.einsum("bhtr,hvr->bhtv", out_latent, w_uv)
     return self.wo(y.transpose(1, 2).reshape(B, T, -1))

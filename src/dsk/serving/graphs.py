@@ -1,0 +1,332 @@
+"""Fixed-shape prefill and decode steps (forward pass + sampling), replayed as CUDA graphs.
+
+A decode step of a small model on a GPU is almost all overhead: hundreds of tiny kernels each
+launched from Python, plus the host syncs hidden in the model's code (``int(positions.max())``
+per layer, the MoE loop's per-expert counts). :class:`StaticRunner` rewrites one serving step so
+that it has fixed shapes and never reads a device value on the host:
+
+- attention reads the whole preallocated cache (``max_len`` positions) under a per-row mask
+  instead of slicing it to the batch's longest row (MLA in the absorbed form,
+  ``dsk.serving.fast_mla``);
+- MoE layers run every routed expert on every token as two wide matmuls, weighted by the
+  router's (mostly zero) dense weights, instead of sorting tokens by expert: on a GPU the
+  extra FLOPs are free at serving batch sizes, and the shapes no longer depend on the routing;
+- sampling (penalties, temperature, top-k/top-p, each row's own settings) is
+  :func:`dsk.serving.sampling.sample_rows`, inside the same step.
+
+On CUDA each decode batch size bucket (1, 2, 4, ... up to ``max_batch_size``) is captured once
+as a CUDA graph at start, and each prefill shape (rows bucket × prompt-width bucket) the first
+time it is needed; a step is then a few small copies, one graph replay and one read of the new
+tokens (the step's only host sync). On the CPU the same functions run eagerly (the tests check
+them against the model's own forward there).
+
+    >>> runner = StaticRunner(model, cache, sampling, max_batch_size=16)   # cache has 17 rows
+    >>> runner.prefill(0, [[5, 6, 7]])     # -> [next token]
+    >>> runner.decode([next_token], [3])   # -> [token after it]
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsk.serving.sampling import BatchSampler, observe_rows, sample_rows
+
+log = logging.getLogger("dsk.serving")
+
+PREFILL_WIDTHS = (16, 32, 64, 128, 256, 512)  # prompt-width buckets (then multiples of 512)
+
+
+def buckets(limit: int) -> list[int]:
+    """1, 2, 4, ... below ``limit``, and ``limit`` itself."""
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return out + [limit]
+
+
+def bucket_for(n: int, sizes: list[int]) -> int:
+    return next(b for b in sizes if b >= n)
+
+
+def supports_static(model: nn.Module) -> bool:
+    """Whether every layer is one that :class:`StaticRunner` knows (plain float weights where it
+    reads them directly); quantized or otherwise wrapped layers keep the model's own code."""
+    from dsk.models.model import MLA, Attention, Experts, MoE
+
+    for block in model.layers:
+        attn, ffn = block.attn, block.ffn
+        if isinstance(attn, MLA):
+            if type(attn.wkv_b) is not nn.Linear or not attn.wkv_b.weight.is_floating_point():
+                return False
+        elif not isinstance(attn, Attention):
+            return False
+        if isinstance(ffn, MoE):
+            if type(ffn.experts) is not Experts or not ffn.experts.w1.is_floating_point():
+                return False
+    return bool(getattr(model.cfg, "causal", True))
+
+
+class StaticRunner:
+    """Prefill and decode steps of a dsk Transformer over ``cache`` with fixed shapes.
+
+    ``cache`` has ``max_batch_size + 1`` rows: the running batch is rows 0..n-1 (as in the
+    engine) and the last row is scratch, written by the padding rows of a prefill bucket.
+    Decode pads n up to its bucket with the free rows n..bucket-1: what they write lands at
+    positions that a later sequence of that row overwrites before its mask can see them.
+    """
+
+    def __init__(self, model: nn.Module, cache: Any, sampling: BatchSampler, *, max_batch_size: int,
+                 graphs: bool | None = None):
+        from dsk.models.model import MoE
+
+        self.model, self.cache, self.sampling = model, cache, sampling
+        self.max_batch_size = max_batch_size
+        self.scratch = max_batch_size
+        assert cache.batch_size == max_batch_size + 1, "the cache needs one scratch row"
+        self.device = cache.layers[0][next(iter(cache.layers[0]))].device
+        self.max_len = cache.max_len
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        self.decode_sizes = buckets(max_batch_size)
+        dev = self.device
+        self.keys = torch.arange(self.max_len, device=dev)
+        self.row_ids = torch.arange(max_batch_size + 1, device=dev)
+        # a step's inputs (tokens, positions) go in one copy from one host buffer (pinned on CUDA)
+        self.io_host = torch.zeros(2, max_batch_size, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self.io_np = self.io_host.numpy()
+        self.io_dev = torch.zeros(2, max_batch_size, dtype=torch.long, device=dev)
+        self.tok_in, self.pos_in = self.io_dev[0], self.io_dev[1]
+        self.tok_out = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
+        # MoE experts as two wide matrices: [w1; w3] of every expert stacked, and w2 side by side
+        self.moe: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, block in enumerate(model.layers):
+            if isinstance(block.ffn, MoE):
+                ex = block.ffn.experts
+                E, inter, dim = ex.w1.shape
+                w13 = torch.cat([ex.w1.detach().reshape(E * inter, dim), ex.w3.detach().reshape(E * inter, dim)])
+                w2 = ex.w2.detach().permute(1, 0, 2).reshape(dim, E * inter)  # [D, E*I]
+                self.moe[i] = (w13.contiguous(), w2.contiguous())
+        self._decode_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._prefill_graphs: dict[tuple[int, int], tuple[Any, dict[str, torch.Tensor]]] = {}
+        self._pool = None
+        self._prefill_failed = False
+        if self.graphs:
+            try:
+                with torch.inference_mode():
+                    self._capture_decode()
+                    # the usual prompt widths too, so the first requests pay no capture
+                    for tb in (w for w in PREFILL_WIDTHS[:3] if w <= self.max_len):
+                        for kb in self.decode_sizes:
+                            self._prefill_graph(kb, tb)
+            except Exception:  # a driver or op that cannot be captured: same steps, launched eagerly
+                log.exception("capturing the decode CUDA graphs failed; running the steps eagerly")
+                self.graphs = False
+                self._decode_graphs.clear()
+                self._prefill_graphs.clear()
+
+    # ------------------------------------------------------------------ public steps
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
+        """One token for each of rows 0..n-1 (at its own position); the sampled next tokens."""
+        n = len(tokens)
+        b = bucket_for(n, self.decode_sizes)
+        self.io_np[0, :n] = tokens
+        self.io_np[1, :n] = positions
+        self.io_dev[:, :n].copy_(self.io_host[:, :n], non_blocking=True)
+        if self.graphs:
+            self._decode_graphs[b].replay()
+        else:
+            self._decode_body(b)
+        return self.tok_out[:n].tolist()
+
+    @torch.inference_mode()
+    def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
+        """Right-padded prompts into rows first_row..; the first sampled token of each."""
+        k = len(prompts)
+        width = max(len(p) for p in prompts)
+        kb = bucket_for(k, self.decode_sizes)
+        tb = next((w for w in PREFILL_WIDTHS if w >= width), -(-width // 512) * 512)
+        tb = min(tb, self.max_len)
+        idx = torch.zeros(kb, tb, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            idx[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        rows = torch.full((kb,), self.scratch, dtype=torch.long)
+        rows[:k] = torch.arange(first_row, first_row + k)
+        lengths = torch.ones(kb, dtype=torch.long)
+        lengths[:k] = torch.tensor([len(p) for p in prompts])
+        graph = None
+        if self.graphs and not self._prefill_failed:
+            try:
+                graph, io = self._prefill_graph(kb, tb)
+            except Exception:
+                log.exception("capturing a prefill CUDA graph failed; prefilling eagerly from now on")
+                self._prefill_failed = True
+        if graph is None:
+            out = torch.zeros(kb, dtype=torch.long, device=self.device)
+            self._prefill_body(idx.to(self.device), rows.to(self.device), lengths.to(self.device), out)
+            return out[:k].tolist()
+        io["idx"].copy_(idx)
+        io["rows"].copy_(rows)
+        io["lengths"].copy_(lengths)
+        graph.replay()
+        return io["out"][:k].tolist()
+
+    # ------------------------------------------------------------------ graphs
+    def _capture(self, body: Any) -> torch.cuda.CUDAGraph:
+        # warm up on a side stream (as torch.cuda.graphs asks), then record into the shared pool
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the HTTP threads may touch CUDA (memory stats) while the engine captures
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            body()
+        self._pool = graph.pool()
+        return graph
+
+    @torch.inference_mode()
+    def _capture_decode(self) -> None:
+        """Every decode bucket, at start: the warm-up runs write junk into free rows only."""
+        self.tok_in.zero_()
+        self.pos_in.zero_()
+        for b in reversed(self.decode_sizes):  # largest first, so the pool fits all
+            self._decode_graphs[b] = self._capture(lambda b=b: self._decode_body(b))
+        # the warm-up steps counted junk tokens; every row's state is set again when it is admitted
+        self.sampling.counts.zero_()
+        self.sampling.seen.zero_()
+        self.sampling.seed_step.zero_()
+        torch.cuda.synchronize(self.device)
+
+    def _prefill_graph(self, kb: int, tb: int) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The graph for kb rows of width tb, captured on first use. Its warm-up runs point every
+        row at the scratch row, so capturing while sequences are running touches none of them."""
+        key = (kb, tb)
+        if key not in self._prefill_graphs:
+            dev = self.device
+            io = {"idx": torch.zeros(kb, tb, dtype=torch.long, device=dev),
+                  "rows": torch.full((kb,), self.scratch, dtype=torch.long, device=dev),
+                  "lengths": torch.ones(kb, dtype=torch.long, device=dev),
+                  "out": torch.zeros(kb, dtype=torch.long, device=dev)}
+            graph = self._capture(lambda: self._prefill_body(io["idx"], io["rows"], io["lengths"], io["out"]))
+            self._prefill_graphs[key] = (graph, io)
+            log.info("captured the prefill graph for %d rows x %d tokens", kb, tb)
+        return self._prefill_graphs[key]
+
+    # ------------------------------------------------------------------ the fixed-shape bodies
+    def _decode_body(self, b: int) -> None:
+        m = self.model
+        tok, pos = self.tok_in[:b], self.pos_in[:b]
+        positions = pos[:, None]
+        rows = self.row_ids[:b]
+        cos, sin = m.rope_cos[positions], m.rope_sin[positions]
+        visible = (self.keys[None, :] <= positions)[:, None, None, :]  # [b, 1, 1, L]
+        h = m.embed(tok[:, None])
+        for i, block in enumerate(m.layers):
+            layer_cache = {name: t[:b] for name, t in self.cache.layers[i].items()}
+            h = h + self._attend_cached(block.attn, block.attn_norm(h), cos, sin, positions, rows, layer_cache, visible)
+            h = h + self._ffn(i, block.ffn, block.ffn_norm(h))
+        logits = m.head(m.norm(h[:, -1]))
+        s = self.sampling
+        tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.seed_step[:b])
+        observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
+        self.tok_out[:b].copy_(tokens)
+
+    def _prefill_body(self, idx: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor) -> None:
+        m = self.model
+        kb, tb = idx.shape
+        positions = self.keys[:tb][None].expand(kb, tb)
+        cos, sin = m.rope_cos[:tb][None], m.rope_sin[:tb][None]
+        h = m.embed(idx)
+        for i, block in enumerate(m.layers):
+            h = h + self._attend_prompt(block.attn, block.attn_norm(h), cos, sin, positions, rows, self.cache.layers[i])
+            h = h + self._ffn(i, block.ffn, block.ffn_norm(h))
+        last = h[self.row_ids[:kb], lengths - 1]
+        logits = m.head(m.norm(last))
+        s = self.sampling
+        tokens = sample_rows(logits, s.params[rows], s.counts[rows], s.seen[rows], s.seed_step[rows])
+        observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
+        out.copy_(tokens)
+
+    # ------------------------------------------------------------------ layers
+    def _attend_cached(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       positions: torch.Tensor, rows: torch.Tensor, layer_cache: dict, visible: torch.Tensor):
+        from dsk.models.model import MLA, _write, apply_rope
+        from dsk.serving.fast_mla import absorbed_step
+
+        if isinstance(attn, MLA):
+            return absorbed_step(attn, x, cos, sin, positions, rows, layer_cache, self.max_len, visible)
+        B, T, _ = x.shape
+        q = attn.wq(x).view(B, T, attn.n_heads, attn.hd).transpose(1, 2)
+        k = attn.wk(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
+        v = attn.wv(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        _write(layer_cache["k"], rows, positions, k.transpose(1, 2))
+        _write(layer_cache["v"], rows, positions, v.transpose(1, 2))
+        keys = layer_cache["k"].transpose(1, 2).to(q.dtype)
+        values = layer_cache["v"].transpose(1, 2).to(q.dtype)
+        if attn.n_kv != attn.n_heads:
+            keys = keys.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+            values = values.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+        return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _attend_prompt(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       positions: torch.Tensor, rows: torch.Tensor, layer_cache: dict):
+        """Causal attention within the prompts (from position 0), writing their keys into the
+        cache rows ``rows``: the model's own cached forward, without reading the cache back."""
+        from dsk.models.model import MLA, _write, apply_rope
+
+        B, T, _ = x.shape
+        if isinstance(attn, MLA):
+            q = attn.wq_b(attn.q_norm(attn.wq_a(x))) if hasattr(attn, "wq_a") else attn.wq(x)
+            q = q.view(B, T, attn.n_heads, attn.nope + attn.rope).transpose(1, 2)
+            q_nope, q_rope = q.split([attn.nope, attn.rope], dim=-1)
+            q_rope = apply_rope(q_rope, cos, sin)
+            kv, k_rope = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], dim=-1)
+            kv = attn.kv_norm(kv)
+            k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
+            _write(layer_cache["kv"], rows, positions, kv)
+            _write(layer_cache["k_rope"], rows, positions, k_rope)
+            kv = attn.wkv_b(kv).view(B, T, attn.n_heads, attn.nope + attn.vd).transpose(1, 2)
+            k_nope, v = kv.split([attn.nope, attn.vd], dim=-1)
+            k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(B, attn.n_heads, T, attn.rope)], dim=-1)
+            q = torch.cat([q_nope, q_rope], dim=-1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
+            return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+        q = attn.wq(x).view(B, T, attn.n_heads, attn.hd).transpose(1, 2)
+        k = attn.wk(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
+        v = attn.wv(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        _write(layer_cache["k"], rows, positions, k.transpose(1, 2))
+        _write(layer_cache["v"], rows, positions, v.transpose(1, 2))
+        if attn.n_kv != attn.n_heads:
+            k = k.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+            v = v.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _ffn(self, layer: int, ffn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if layer not in self.moe:
+            return ffn(x)
+        # every routed expert on every token, weighted by the router's dense [N, E] weights
+        # (zero for the experts a token was not routed to): the same sum as the model's dispatch
+        w13, w2 = self.moe[layer]
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, ids, _ = ffn.gate(flat)
+        E = ffn.gate.n_experts
+        dense = torch.zeros(flat.shape[0], E, dtype=torch.float32, device=x.device).scatter_(1, ids, weights)
+        gate_up = F.linear(flat, w13).view(flat.shape[0], 2, E, -1)
+        hidden = F.silu(gate_up[:, 0]) * gate_up[:, 1]  # [N, E, I]
+        y = F.linear((hidden * dense.to(hidden.dtype)[:, :, None]).reshape(flat.shape[0], -1), w2)
+        if ffn.shared_experts is not None:
+            y = y + ffn.shared_experts(flat).to(y.dtype)
+        return y.view(B, T, D)
