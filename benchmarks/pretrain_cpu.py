@@ -214,6 +214,7 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
     """Train one config; the whole call (tokenizer included) is held to ``budget_s``."""
     started = time.perf_counter()
     torch.set_num_threads(threads)
+    seed = trial.get("seed", seed)
     from dsk import console
     from dsk.models import ModelConfig, Transformer
     from dsk.train import TokenData, TrainConfig, train
@@ -229,20 +230,25 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
     model = Transformer(cfg)
     reserve = trial.get("eval_reserve") or estimate_eval_seconds(model, data)
     remaining = budget_s - (time.perf_counter() - started) - reserve
+    fixed_steps = trial.get("schedule_clock", "time") == "steps"  # a quality-per-step trial: no time budget
     tcfg = TrainConfig(
         max_steps=trial.get("max_steps", 10**9), batch_size=trial["batch"], grad_accum=trial.get("grad_accum", 1),
         lr=trial["lr"], min_lr_ratio=trial.get("min_lr_ratio", 0.0), warmup_steps=trial.get("warmup", 50),
-        schedule_clock="time", weight_decay=trial.get("weight_decay", 0.1), beta1=trial.get("beta1", 0.9),
-        beta2=trial.get("beta2", 0.95), grad_clip=trial.get("grad_clip", 1.0), optimizer=trial.get("optimizer", "adamw"),
-        precision=trial.get("precision", "fp32"), device="cpu", eval_every=0, log_every=50,
-        muon_lr_scale=trial.get("muon_lr_scale", 5.0), compile=trial.get("compile", False),
-        max_minutes=max(remaining, 1.0) / 60, threads=threads,
+        schedule_clock="steps" if fixed_steps else "time", lr_decay=trial.get("lr_decay", "cosine"),
+        cooldown_frac=trial.get("cooldown_frac", 1.0), weight_decay=trial.get("weight_decay", 0.1),
+        beta1=trial.get("beta1", 0.9), beta2=trial.get("beta2", 0.95), grad_clip=trial.get("grad_clip", 1.0),
+        optimizer=trial.get("optimizer", "adamw"), precision=trial.get("precision", "fp32"), device="cpu",
+        eval_every=0, log_every=50, muon_lr_scale=trial.get("muon_lr_scale", 5.0), compile=trial.get("compile", False),
+        max_minutes=0.0 if fixed_steps else max(remaining, 1.0) / 60, threads=threads,
     )
     with tempfile.TemporaryDirectory() as run_dir:
         result = train(model, data, tcfg, run_dir=Path(run_dir))
+        records = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if r["split"] == "train"]
     wall = time.perf_counter() - started
     return {
         "name": trial["name"], "bpc": round(result.val_bpb, 4), "val_loss_nats_per_token": round(result.val_loss, 4),
+        "last_train_loss": train_losses[-1] if train_losses else None,
         "wall_s": round(wall, 1), "train_s": round(result.seconds, 1), "steps": result.steps, "tokens": result.tokens,
         "tokens_per_s": result.tokens_per_s, "chars_per_token": round(len(val_text) / len(val_ids), 3),
         "params": model.num_params(), "active_params": model.num_params(active=True), "budget_s": round(budget_s, 1),
@@ -305,14 +311,18 @@ def run_isolated(args: list[str], cores: str | None = None) -> dict:
     return json.loads(lines[-1])
 
 
-def search(trials_file: Path, slots: int, out_dir: Path, anchor: bool, ref_ms: float, budget: str) -> None:
-    """Device-machine search: trials in parallel, each pinned to 2 cores, budgets calibrated by the anchor."""
+def search(trials_file: Path, slots: int, out_dir: Path, anchor: bool, ref_ms: float, budget: str,
+           cores_per_slot: int = 2) -> None:
+    """Device-machine search: trials in parallel, each pinned to its own cores, budgets calibrated by the anchor."""
     import concurrent.futures as cf
 
     trials = json.loads(trials_file.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
-    cores = [f"{2 * i},{2 * i + 1}" for i in range(slots)]
-    jobs = ([["--anchor"]] if anchor else []) + [["--trial", json.dumps(t), "--budget", budget, "--ref-ms", str(ref_ms)] for t in trials]
+    n = cores_per_slot
+    cores = [",".join(str(n * i + j) for j in range(n)) for i in range(slots)]
+    threads = ["--threads", str(n)]
+    jobs = ([["--anchor", *threads]] if anchor else []) + [
+        ["--trial", json.dumps(t), "--budget", budget, "--ref-ms", str(ref_ms), *threads] for t in trials]
     results = []
     with cf.ThreadPoolExecutor(max_workers=slots) as pool:
         free = list(cores)
@@ -368,6 +378,7 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=2000, help="anchor iterations")
     ap.add_argument("--search", type=Path, help="JSON list of trials to run in parallel (device machine)")
     ap.add_argument("--slots", type=int, default=7)
+    ap.add_argument("--cores-per-slot", type=int, default=2, help="--search: CPU cores (and torch threads) per trial")
     ap.add_argument("--with-anchor", action="store_true", help="--search: run the anchor too (calibration)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", RESULTS)))
     ap.add_argument("--ref-ms", type=float, default=float(os.environ.get("ANCHOR_REF_MS", 0) or 0),
@@ -375,7 +386,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.search:
-        search(args.search, args.slots, args.out, anchor=args.with_anchor, ref_ms=args.ref_ms, budget=args.budget)
+        search(args.search, args.slots, args.out, anchor=args.with_anchor, ref_ms=args.ref_ms, budget=args.budget,
+               cores_per_slot=args.cores_per_slot)
         return 0
     if args.anchor:
         print(json.dumps(run_anchor(iters=args.iters, threads=args.threads)))

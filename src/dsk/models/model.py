@@ -117,11 +117,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv * self.hd, bias=False)
         self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
         self.causal = cfg.causal
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
 
     def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.hd)
+        k = self.wk(x).view(B, T, self.n_kv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layer_cache is None:
@@ -201,16 +207,19 @@ class MLA(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x); or with ``act="relu2"``, w2(relu(w1 x)^2) (no w3)."""
 
-    def __init__(self, dim: int, inter_dim: int):
+    def __init__(self, dim: int, inter_dim: int, act: str = "swiglu"):
         super().__init__()
         self.w1 = nn.Linear(dim, inter_dim, bias=False)
         self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        if act == "swiglu":
+            self.w3 = nn.Linear(dim, inter_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if hasattr(self, "w3"):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.relu(self.w1(x)).square())
 
 
 class Gate(nn.Module):
@@ -381,7 +390,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = MLA(cfg) if cfg.attn == "mla" else Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim)
+        self.ffn: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.dim, cfg.inter_dim, cfg.mlp_act)
 
     def forward(self, x, cos, sin, positions, layer_cache=None, attn_mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, layer_cache, attn_mask)
@@ -431,7 +440,10 @@ class Transformer(nn.Module):
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")) or name.endswith("experts.w2"):
-                nn.init.normal_(p, 0.0, out_std)
+                if self.cfg.zero_init_out:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
         for m in self.modules():
@@ -512,6 +524,8 @@ class Transformer(nn.Module):
             for i, c in counts.items():
                 self.layers[i].ffn.load += c.detach().to(self.layers[i].ffn.load.dtype)
         logits = self.head(self.norm(h))
+        if self.cfg.logit_softcap > 0:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
 
         aux: dict[str, Any] = {"expert_counts": counts, "balance_loss": balance}
         loss = None
