@@ -34,7 +34,7 @@ def make(variant):
         if opt.startswith("cfg:"):
             k, v = opt[4:].split("=")
             extra[k] = json.loads(v)
-    model = Transformer(ModelConfig(vocab_size=V, max_seq_len=T, **ARCH, **extra))
+    model = Transformer(ModelConfig(vocab_size=V, max_seq_len=T, **{**ARCH, **extra}))
     opt = make_optimizer(model, name="adamw", lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95), device="cpu")
     fwd = model
     t0 = time.perf_counter()
