@@ -226,7 +226,7 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
     else:
         cfg = ModelConfig(**{"vocab_size": tok.vocab_size, "max_seq_len": context, **trial["arch"]})
     model = Transformer(cfg)
-    reserve = trial.get("eval_reserve") or estimate_eval_seconds(model, data)
+    reserve = trial.get("eval_reserve") or estimate_eval_seconds(model, data, trial.get("precision", "fp32"))
     remaining = budget_s - (time.perf_counter() - started) - reserve
     fixed_steps = trial.get("schedule_clock", "time") == "steps"  # a quality-per-step trial: no time budget
     tcfg = TrainConfig(
@@ -255,13 +255,17 @@ def run_dsk(trial: dict, *, budget_s: float = BUDGET_S, threads: int = 2, seed: 
 
 
 @torch.no_grad()
-def estimate_eval_seconds(model, data) -> float:
-    """Time one validation batch and scale to the whole validation pass (plus a margin)."""
+def estimate_eval_seconds(model, data, precision: str = "fp32") -> float:
+    """Time one validation batch (after a warm-up call, in the run's precision) and scale to the whole pass."""
+    from dsk.train.loop import autocast_context
+
     batches = list(data.val_batches())
     model.eval()
-    t = time.perf_counter()
-    model(batches[0][0])
-    per_batch = time.perf_counter() - t
+    with autocast_context("cpu", precision):
+        model(batches[0][0])  # the first call pays one-off kernel set-up: timing it overestimated by ~30 s
+        t = time.perf_counter()
+        model(batches[0][0])
+        per_batch = time.perf_counter() - t
     model.train()
     return 1.5 * per_batch * len(batches) + 2.0
 
