@@ -19,6 +19,7 @@ from typing import Any
 from dsk.errors import DskError
 
 ATTENTION_KINDS = ("mha", "mla")
+MLP_ACTS = ("swiglu", "relu2")
 SCORE_FUNCS = ("softmax", "sigmoid")
 
 
@@ -54,6 +55,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     init_std: float = 0.02
+    # ---- small-model options (off by default; the `cpu` presets use them, docs/pretrain.md)
+    qk_norm: bool = False  # mha: RMSNorm on each head's q and k before rotary (allows higher lr)
+    mlp_act: str = "swiglu"  # dense layers: "swiglu" (w2(silu(w1 x) * w3 x)) or "relu2" (w2(relu(w1 x)^2), no w3)
+    logit_softcap: float = 0.0  # > 0: logits = c * tanh(logits / c) (Gemma 2 / modded-nanogpt)
+    zero_init_out: bool = False  # start the residual outputs (wo, w2) at zero: each block starts as the identity
 
     def __post_init__(self) -> None:
         self.validate()
@@ -85,6 +91,12 @@ class ModelConfig:
 
         if self.attn not in ATTENTION_KINDS:
             bad(f"attn={self.attn!r} is not one of {', '.join(ATTENTION_KINDS)}")
+        if self.mlp_act not in MLP_ACTS:
+            bad(f"mlp_act={self.mlp_act!r} is not one of {', '.join(MLP_ACTS)}")
+        if self.qk_norm and self.attn != "mha":
+            bad("qk_norm is an mha option (MLA already normalises its latents); drop it or use attn: mha")
+        if self.logit_softcap < 0:
+            bad(f"logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
         if self.score_func not in SCORE_FUNCS:
             bad(f"score_func={self.score_func!r} is not one of {', '.join(SCORE_FUNCS)}")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "inter_dim"):

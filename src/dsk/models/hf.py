@@ -36,6 +36,11 @@ HF_MLA_EPS = 1e-6  # transformers' DeepseekV3 q_a_layernorm / kv_a_layernorm eps
 
 def hf_architecture(cfg: ModelConfig) -> str:
     """Which transformers class can hold ``cfg`` exactly, or a DskError naming the choices."""
+    extras = [name for name, on in (("qk_norm", cfg.qk_norm), ("mlp_act: relu2", cfg.mlp_act != "swiglu"),
+                                    ("logit_softcap", cfg.logit_softcap > 0)) if on]
+    if extras:
+        raise DskError(f"this model uses {', '.join(extras)}, which Llama/DeepseekV3 do not have; "
+                       "use --format onnx or safetensors")
     if cfg.attn == "mha":
         if cfg.is_moe:
             raise DskError(

@@ -47,6 +47,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     warmup_steps: int = 100
     schedule_clock: str = "steps"  # "steps", or "time": the cosine spans max_minutes (not reproducible)
+    lr_decay: str = "cosine"  # cosine | linear
+    cooldown_frac: float = 1.0  # < 1: hold the peak lr, decay over this last fraction (WSD)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -275,7 +277,8 @@ def train(
                     progress = elapsed() / budget_s
                 else:
                     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-                lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, progress=progress)
+                lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, progress=progress,
+                           decay=cfg.lr_decay, cooldown=cfg.cooldown_frac)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 

@@ -135,14 +135,21 @@ def make_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
-def lr_at(step: int, *, base_lr: float, warmup: int, min_ratio: float, progress: float) -> float:
-    """Linear warmup over ``warmup`` steps, then cosine decay to ``min_ratio * base_lr``.
+def lr_at(step: int, *, base_lr: float, warmup: int, min_ratio: float, progress: float,
+          decay: str = "cosine", cooldown: float = 1.0) -> float:
+    """Linear warmup over ``warmup`` steps, then a cosine or linear decay to ``min_ratio * base_lr``.
 
     ``progress`` in [0, 1] is how far the decay phase has gone: (step - warmup) / (total -
-    warmup) for a step budget, or elapsed / budget for a wall-clock budget.
+    warmup) for a step budget, or elapsed / budget for a wall-clock budget. ``cooldown`` < 1
+    holds the peak for the first ``1 - cooldown`` of that phase and decays over the rest
+    (warmup-stable-decay).
     """
     if warmup > 0 and step < warmup:
         return base_lr * (step + 1) / warmup
     progress = min(1.0, max(0.0, progress))
+    if cooldown < 1.0:
+        progress = max(0.0, progress - (1.0 - cooldown)) / max(cooldown, 1e-9)
     floor = base_lr * min_ratio
+    if decay == "linear":
+        return floor + (base_lr - floor) * (1.0 - progress)
     return floor + 0.5 * (base_lr - floor) * (1 + math.cos(math.pi * progress))
