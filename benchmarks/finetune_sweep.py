@@ -96,6 +96,29 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) 
             "device": dpo.metrics.get("device"), "seconds": round(seconds, 1)}
 
 
+def copy_loss(path, seed: int = 0) -> tuple[float, float]:
+    """In-context copying of the base: mean loss on 30 random tokens, then on the same 30 again.
+
+    A model with induction heads predicts the repeat far better than the first pass; one
+    without them (repeat loss ~ first loss) cannot copy words from a prompt, which copy /
+    first word / last word / reverse need.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from dsk.models import load_model
+
+    model, _, cfg = load_model(path)
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(10, cfg.vocab_size - 24, (32, 30), generator=g)
+    seq = torch.cat([x, x], 1)
+    with torch.no_grad():
+        logits = model(seq).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1), reduction="none").view(32, -1)
+    return float(loss[:, :29].mean()), float(loss[:, 30:].mean())
+
+
 def run_one(config: dict, *, workspace: Path, base_id: str, sft_steps: int, threads: int) -> dict:
     """Finetune ``base_id`` with ``config`` (in this process) and score it."""
     os.environ["DSK_HOME"] = str(workspace)
@@ -147,8 +170,10 @@ def main() -> None:
 
     t = time.perf_counter()
     base = build_base(Store.open(), preset=args.preset, pretrain_steps=args.pretrain_steps, threads=args.threads)
+    first, repeat = copy_loss(base.path)
     print(f"base {base.id} ({args.pretrain_steps} steps, val_loss {base.metrics.get('val_loss')}) "
-          f"in {time.perf_counter() - t:.0f}s", flush=True)
+          f"in {time.perf_counter() - t:.0f}s; copy test: loss {first:.2f} on random tokens, {repeat:.2f} on their repeat",
+          flush=True)
     configs = json.loads(args.configs) if args.configs else GRIDS[args.grid]
     scratch = Path(tempfile.mkdtemp(prefix="dsk-ft-sweep-"))
     running: list[tuple[subprocess.Popen, dict, Path]] = []
@@ -180,6 +205,7 @@ def main() -> None:
             rec = json.loads(lines[-1][7:])
             rec["pretrain_steps"] = args.pretrain_steps
             rec["base_val_loss"] = base.metrics.get("val_loss")
+            rec["base_copy_loss"] = [round(first, 3), round(repeat, 3)]
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             dpo = f"pref {rec['pref_acc_before']:.2f} -> {rec['pref_acc_after']:.2f}  " if "pref_acc_before" in rec else ""
