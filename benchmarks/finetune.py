@@ -61,6 +61,36 @@ def task_of(prompt: str) -> str:
     return prompt.split(":")[0]
 
 
+def score_heldout(path, heldout) -> dict:
+    """Greedy exact match of the model at ``path`` on the held-out tasks, overall and per task."""
+    from dsk.data.tokenizer import load_tokenizer
+    from dsk.finetune.scoring import generate_answers
+    from dsk.models import load_model
+
+    model, _, _ = load_model(path)
+    tok = load_tokenizer(path)
+    preds = generate_answers(model, tok, [r.prompt_messages for r in heldout], max_new_tokens=24)
+    per_task: dict[str, list[int]] = defaultdict(list)
+    for p, r in zip(preds, heldout):
+        per_task[task_of(r.prompt_messages[-1]["content"])].append(int(p.strip() == r.answer.strip()))
+    hits = [h for v in per_task.values() for h in v]
+    return {"exact_match": sum(hits) / len(hits),
+            "per_task": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_task.items())},
+            "examples": [{"prompt": r.prompt_messages[-1]["content"], "answer": r.answer, "predicted": p}
+                         for p, r in list(zip(preds, heldout))[:6]]}
+
+
+def build_base(store, *, preset: str, pretrain_steps: int, threads: int):
+    """The base model: featurize + pretrain on the sample corpus (a cache hit when built before)."""
+    from dsk import featurize, pretrain
+
+    text = text_artifact(store)
+    tokens = featurize.run(source=text.id, params=featurize.Params(vocab_size=1024, val_fraction=0.05), store=store).artifact
+    return pretrain.run(source=tokens.id, params=pretrain.Params(
+        preset=preset, context=128, batch_size=8, max_steps=pretrain_steps, lr=3e-3, warmup_steps=20,
+        eval_every=0, eval_tokens=16384, threads=threads, checkpoint_every_minutes=0), store=store).artifact
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
@@ -109,17 +139,7 @@ def main() -> None:
     heldout, _ = fdata.read_jsonl(TASKS / "heldout.jsonl", kind="instruction", bad_lines="fail")
 
     def score(path) -> dict:
-        model, _, _ = load_model(path)
-        tok = load_tokenizer(path)
-        preds = generate_answers(model, tok, [r.prompt_messages for r in heldout], max_new_tokens=24)
-        per_task: dict[str, list[int]] = defaultdict(list)
-        for p, r in zip(preds, heldout):
-            per_task[task_of(r.prompt_messages[-1]["content"])].append(int(p.strip() == r.answer.strip()))
-        hits = [h for v in per_task.values() for h in v]
-        return {"exact_match": sum(hits) / len(hits),
-                "per_task": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_task.items())},
-                "examples": [{"prompt": r.prompt_messages[-1]["content"], "answer": r.answer, "predicted": p}
-                             for p, r in list(zip(preds, heldout))[:6]]}
+        return score_heldout(path, heldout)
 
     results: dict = {"base": {**score(base.path), "trainable_fraction": 0.0, "model_params": base.metrics.get("n_params")}}
     print("base exact match", results["base"]["exact_match"], flush=True)
