@@ -71,11 +71,17 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("preset", ["tiny-dense", "cpu-moe"])
-def test_fused_paths_compute_the_same_loss_and_gradients(preset):
+@pytest.mark.parametrize("preset,options", [
+    ("tiny-dense", {}),
+    ("cpu-moe", {}),
+    # the CPU-recipe options combined with the fast paths: QK-norm and ReLU^2 inside the fused
+    # projections, soft-capped logits sending the loss back to the plain head
+    ("cpu-moe", {"qk_norm": True, "mlp_act": "relu2", "logit_softcap": 30.0}),
+])
+def test_fused_paths_compute_the_same_loss_and_gradients(preset, options):
     """use_fused(): q|k|v and w1|w3 as one GEMM, the LM head fused with the loss: same function."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(preset, vocab_size=97, max_seq_len=32)
+    cfg = ModelConfig.preset(preset, vocab_size=97, max_seq_len=32, **options)
     model = Transformer(cfg).train()
     idx = torch.randint(0, 97, (3, 32))
     targets = torch.randint(0, 97, (3, 32))
@@ -88,7 +94,8 @@ def test_fused_paths_compute_the_same_loss_and_gradients(preset):
 
     model.use_fused()
     out = model(idx, targets=targets)
-    assert out.logits is None  # the fused head never materialises them
+    if not options.get("logit_softcap"):
+        assert out.logits is None  # the fused head never materialises them
     out.loss.backward()
     assert torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
     assert torch.allclose(out.aux["ce_loss"], ref.aux["ce_loss"], rtol=1e-5, atol=1e-6)
