@@ -24,12 +24,24 @@ class TableParams(StageParams):
     n_activated_experts: int = Field(2, ge=1, le=64, description="Top-k routed experts per token.")
     moe_inter_dim: int = Field(32, ge=1, description="Hidden width of one expert.")
     inter_dim: int = Field(64, ge=1, description="Hidden width of the dense SwiGLU blocks.")
+    tokens: Literal["flat", "features"] = Field(
+        "flat", description="flat: the feature embeddings concatenated into one token (fast); features: one token per feature + [CLS], mixed by attention.")
+    feature_dim: int = Field(16, ge=1, le=256, description="Width of one feature's embedding in flat mode (features mode uses dim).")
+    num_embedding: Literal["linear", "periodic"] = Field(
+        "periodic", description="Numeric feature tokens: periodic (cos/sin of learned frequencies -> linear -> ReLU) or linear (x*w+b).")
+    n_frequencies: int = Field(16, ge=1, le=256, description="Frequencies per numeric feature of the periodic embedding.")
+    frequency_scale: float = Field(0.1, gt=0, le=100, description="Std of the periodic embedding's initial frequencies.")
     epochs: int = Field(200, ge=1, le=100_000, description="At most this many passes over the training rows.")
     patience: int = Field(20, ge=1, description="Stop when validation AUC has not improved for this many epochs.")
+    min_epochs: int = Field(0, ge=0, description="Never stop early before this many epochs.")
+    refit: bool = Field(True, description="After early stopping picks the epoch count, retrain on all rows (validation included) for that many epochs.")
     auc_tolerance: float = Field(
         0.005, ge=0, le=0.1, description="Validation AUCs within this of the best count as ties, settled by the lower validation loss.")
     batch_size: int = Field(128, ge=1, description="Rows per step (capped so that an epoch has at least 8 steps on small tables).")
     lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (constant after a one-epoch warmup).")
+    schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="Learning rate after the one-epoch warmup: cosine decay over `epochs` to lr/100, or constant.")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
     weight_decay: float = Field(1e-4, ge=0, le=1, description="AdamW weight decay on matrices.")
     val_fraction: float = Field(0.15, gt=0, lt=0.9, description="Stratified share of rows held out for early stopping.")
     class_weight: Literal["balanced", "none"] = Field(
