@@ -194,6 +194,11 @@ def fit(
             result.history.append(row)
             if on_epoch is not None:
                 on_epoch(row)
+            result.epochs, result.steps = epoch, step
+            if epoch < params.min_epochs:
+                # on a 20-row validation split AUC hits 1.0 within a few epochs; an epoch that
+                # early is a lucky draw, not a trained model
+                continue
             # an AUC within auc_tolerance of the best is a tie (on a small validation split one
             # swapped pair moves AUC by ~1e-3), settled by the lower validation loss
             score = auc if np.isfinite(auc) else -val_loss
@@ -207,7 +212,7 @@ def fit(
             else:
                 since_best += 1
             result.epochs, result.steps = epoch, step
-            if epoch >= params.min_epochs and since_best >= params.patience:
+            if since_best >= params.patience:
                 result.stopped_by = "early_stopping"
                 break
             if params.max_minutes and time.perf_counter() - started > 60 * params.max_minutes:
@@ -215,6 +220,10 @@ def fit(
                 break
         if validate and best_state is not None:
             model.load_state_dict(best_state)
+        elif validate and result.history:  # every epoch was before min_epochs: keep the last
+            last = result.history[-1]
+            result.best_epoch, result.best_val_auc = last["epoch"], last["val_auc"]
+            result.best_val_loss, result.best_val_accuracy = last["val_loss"], last["val_accuracy"]
         return model
 
     result = FitResult(model=None, n_train=len(tr), n_val=len(va), class_weights=[float(v) for v in w],  # type: ignore[arg-type]
