@@ -59,7 +59,11 @@ def tables(tmp_path_factory):
     plain_e = export.run(source=plain.artifact.id, params=export.Params(format="onnx"), store=store)
     tokens = pretrain.run(source=c.artifact.id, params=pretrain.Params(table=TOKENS_TABLE), store=store)
     tokens_e = export.run(source=tokens.artifact.id, params=export.Params(format="onnx"), store=store)
-    return {"tokens": tokens, "tokens_onnx": tokens_e, "csv": csv, "store": store, "clean": c, "features": f, "model": p, "quantized": q, "onnx": e,
+    ensemble = pretrain.run(source=c.artifact.id, params=pretrain.Params(table={**TINY_TABLE, "n_members": 2}),
+                            store=store)
+    ensemble_q = quantize.run(source=ensemble.artifact.id, params=quantize.Params(bits=8), store=store)
+    ensemble_e = export.run(source=ensemble_q.artifact.id, params=export.Params(format="onnx"), store=store)
+    return {"tokens": tokens, "tokens_onnx": tokens_e, "ensemble": ensemble, "ensemble_onnx": ensemble_e, "csv": csv, "store": store, "clean": c, "features": f, "model": p, "quantized": q, "onnx": e,
             "plain": plain, "plain_onnx": plain_e}
 
 
@@ -125,7 +129,7 @@ def test_same_seed_same_bytes(tables, tmp_path):
 # --------------------------------------------------------------------------- ONNX == torch on raw rows
 
 
-@pytest.mark.parametrize("which", ["onnx", "plain_onnx", "tokens_onnx"])
+@pytest.mark.parametrize("which", ["onnx", "plain_onnx", "tokens_onnx", "ensemble_onnx"])
 def test_onnx_equals_torch_on_raw_rows(tables, which):
     """Raw CSV rows (missing cells, a text column) through the ONNX graph vs the torch module
     with the same folded transforms vs the reference path (numpy transforms + torch model)."""
@@ -177,6 +181,24 @@ def test_refit_trains_on_every_row_for_the_chosen_epochs():
     with torch.no_grad():
         a, b = kept.model(torch.from_numpy(x), None)[0], refit.model(torch.from_numpy(x), None)[0]
     assert not np.allclose(a.numpy(), b.numpy())
+
+
+def test_ensemble_averages_its_members_probabilities(tables):
+    import torch
+
+    from dsk.tabular.io import load_table_model
+    from dsk.tabular.model import TableEnsemble
+
+    model, spec = load_table_model(tables["ensemble"].artifact.path)
+    assert isinstance(model, TableEnsemble) and len(model.members) == 2
+    assert tables["ensemble"].artifact.metrics["n_members"] == 2
+    x = torch.randn(16, len(spec.inputs_numeric))
+    codes = torch.ones(16, len(spec.inputs_categorical), dtype=torch.long)
+    with torch.no_grad():
+        each = [m(x, codes)[0].softmax(-1) for m in model.members]
+        mean = model(x, codes)[0].softmax(-1)
+    assert not torch.allclose(each[0], each[1], atol=1e-4)  # different seeds, different networks
+    torch.testing.assert_close(mean, (each[0] + each[1]) / 2, atol=1e-6, rtol=1e-5)
 
 
 def test_old_config_without_new_keys_loads_as_linear_feature_tokens():

@@ -52,6 +52,7 @@ class TableConfig:
     moe_inter_dim: int = 32
     tokens: str = "features"  # "features": one token per feature + [CLS]; "flat": one token of all features
     feature_dim: int = 16  # width of one feature's embedding in "flat" mode (in "features" mode: dim)
+    n_members: int = 1  # >1: an ensemble of this many networks (seeds seed, seed+1, ...), probabilities averaged
     num_embedding: str = "linear"  # "linear" (x*w+b) or "periodic" (PLR); old configs lack it: linear
     n_frequencies: int = 16
     frequency_scale: float = 0.1
@@ -64,6 +65,8 @@ class TableConfig:
             raise DskError("table model: needs at least one feature column")
         if self.n_classes < 2:
             raise DskError(f"table model: needs >= 2 classes, got {self.n_classes}")
+        if self.n_members < 1:
+            raise DskError(f"table model: n_members must be >= 1, got {self.n_members}")
         if self.tokens not in ("features", "flat"):
             raise DskError(f"table model: tokens must be features or flat, not {self.tokens!r}")
         if self.num_embedding not in ("linear", "periodic"):
@@ -241,3 +244,41 @@ class TableClassifier(nn.Module):
     def predict_proba(self, x_num: torch.Tensor, x_cat: torch.Tensor | None = None) -> torch.Tensor:
         with torch.no_grad():
             return self(x_num, x_cat)[0].float().softmax(dim=-1)
+
+
+class TableEnsemble(nn.Module):
+    """``cfg.n_members`` TableClassifiers trained from different seeds; their probabilities averaged.
+
+    ``forward`` returns the log of the mean probability as the logits, so ``softmax(logits)`` is
+    the mean probability and every caller (training loss, predict, the ONNX graph) is unchanged.
+    """
+
+    def __init__(self, cfg: TableConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.members = nn.ModuleList(TableClassifier(cfg) for _ in range(cfg.n_members))
+
+    @property
+    def dense_moe(self) -> bool:
+        return all(m.dense_moe for m in self.members)
+
+    @dense_moe.setter
+    def dense_moe(self, value: bool) -> None:
+        for m in self.members:
+            m.dense_moe = value
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, x_num: torch.Tensor, x_cat: torch.Tensor | None = None):
+        proba = torch.stack([m(x_num, x_cat)[0].float().softmax(dim=-1) for m in self.members]).mean(dim=0)
+        return torch.log(proba.clamp_min(1e-12)), {}
+
+    def predict_proba(self, x_num: torch.Tensor, x_cat: torch.Tensor | None = None) -> torch.Tensor:
+        with torch.no_grad():
+            return self(x_num, x_cat)[0].softmax(dim=-1)
+
+
+def build_table_model(cfg: TableConfig) -> nn.Module:
+    """A TableClassifier, or a TableEnsemble of them when ``cfg.n_members > 1``."""
+    return TableEnsemble(cfg) if cfg.n_members > 1 else TableClassifier(cfg)

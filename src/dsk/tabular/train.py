@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dsk.tabular.model import TableClassifier, TableConfig
+from dsk.tabular.model import TableClassifier, TableConfig, TableEnsemble
 from dsk.tabular.params import TableParams
 
 MIN_STEPS_PER_EPOCH = 8
@@ -32,7 +32,7 @@ MIN_STEPS_PER_EPOCH = 8
 
 @dataclass
 class FitResult:
-    model: TableClassifier
+    model: Any
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
     best_val_auc: float = float("nan")
@@ -47,6 +47,7 @@ class FitResult:
     class_weights: list[float] = field(default_factory=list)
     batch_size: int = 0
     refit_epochs: int = 0
+    member_epochs: list[int] = field(default_factory=list)  # the epochs each ensemble member trained for
 
 
 def roc_auc(y: np.ndarray, proba: np.ndarray) -> float:
@@ -70,7 +71,7 @@ def table_config(params: TableParams, *, n_numeric: int, cat_cardinalities: list
         inter_dim=params.inter_dim, n_routed_experts=params.n_routed_experts, n_shared_experts=params.n_shared_experts,
         n_activated_experts=min(params.n_activated_experts, max(params.n_routed_experts, 1)),
         moe_inter_dim=params.moe_inter_dim, num_embedding=params.num_embedding,
-        tokens=params.tokens, feature_dim=params.feature_dim,
+        tokens=params.tokens, feature_dim=params.feature_dim, n_members=params.n_members,
         n_frequencies=params.n_frequencies, frequency_scale=params.frequency_scale,
     )
 
@@ -158,10 +159,11 @@ def fit(
     # small tables: cap the batch so an epoch is still at least MIN_STEPS_PER_EPOCH steps
     batch_size = max(1, min(params.batch_size, -(-len(tr) // MIN_STEPS_PER_EPOCH)))
 
-    def train_epochs(rows: np.ndarray, n_epochs: int, *, validate: bool):
-        """One training run; with ``validate``, early stopping on the validation rows."""
-        model, opt = _new_model(cfg, params, seed)
-        np_rng = np.random.default_rng(seed)
+    def train_epochs(rows: np.ndarray, n_epochs: int, *, validate: bool, member_seed: int, va: np.ndarray,
+                     result: FitResult) -> TableClassifier:
+        """One training run; with ``validate``, early stopping on the validation rows ``va``."""
+        model, opt = _new_model(cfg, params, member_seed)
+        np_rng = np.random.default_rng(member_seed)
         steps_per_epoch = max(1, -(-len(rows) // batch_size))
         warmup, total = steps_per_epoch, steps_per_epoch * params.epochs
         best_state, best_key, since_best, step, lr = None, (-np.inf, -np.inf), 0, 0, params.lr
@@ -191,7 +193,7 @@ def fit(
             auc, val_loss, acc, _ = _evaluate(model, xn[va], xc[va], yt[va], weight)
             row = {"epoch": epoch, "step": step, "train_loss": total_loss / max(seen, 1), "val_loss": val_loss,
                    "val_auc": auc, "val_accuracy": acc, "lr": lr, "seconds": round(time.perf_counter() - started, 3)}
-            result.history.append(row)
+            result.history.append(row)  # a FitResult per member; the run reports the first
             if on_epoch is not None:
                 on_epoch(row)
             result.epochs, result.steps = epoch, step
@@ -226,17 +228,36 @@ def fit(
             result.best_val_loss, result.best_val_accuracy = last["val_loss"], last["val_accuracy"]
         return model
 
-    result = FitResult(model=None, n_train=len(tr), n_val=len(va), class_weights=[float(v) for v in w],  # type: ignore[arg-type]
-                       batch_size=batch_size)
-    model = train_epochs(tr, params.epochs, validate=True)
-    if params.refit:
-        model = train_epochs(np.arange(len(y)), max(result.best_epoch, 1), validate=False)
-        result.n_train, result.refit_epochs = len(y), max(result.best_epoch, 1)
+    members: list[TableClassifier] = []
+    results: list[FitResult] = []
+    for i in range(params.n_members):
+        # member i: its own seed (init, batch order) and its own validation split
+        member_seed = seed + i
+        tr_i, va_i = (tr, va) if i == 0 else split_rows(y, params.val_fraction, member_seed)
+        res = FitResult(model=None, n_train=len(tr_i), n_val=len(va_i),  # type: ignore[arg-type]
+                        class_weights=[float(v) for v in w], batch_size=batch_size)
+        member = train_epochs(tr_i, params.epochs, validate=True, member_seed=member_seed, va=va_i, result=res)
+        if params.refit:
+            res.n_train, res.refit_epochs = len(y), max(res.best_epoch, 1)
+            member = train_epochs(np.arange(len(y)), res.refit_epochs, validate=False, member_seed=member_seed,
+                                  va=va_i, result=FitResult(model=None))  # type: ignore[arg-type]
+        members.append(member)
+        results.append(res)
+    # the first member's validation history and best epoch stand for the run (metrics.jsonl, curves)
+    result = results[0]
+    result.member_epochs = [r.refit_epochs or r.best_epoch for r in results]
+    if params.n_members == 1:
+        model: TableClassifier | TableEnsemble = members[0]
+    else:
+        model = TableEnsemble(cfg)
+        for slot, member in zip(model.members, members):
+            slot.load_state_dict(member.state_dict())
     model.eval()
     result.model = model
     result.seconds = time.perf_counter() - started
     if log is not None:
         log.info(f"best epoch {result.best_epoch}/{result.epochs} ({result.stopped_by}): "
                  f"val AUC {result.best_val_auc:.4f}, val loss {result.best_val_loss:.4f}"
-                 + (f"; refit on all {len(y)} rows for {result.refit_epochs} epochs" if params.refit else ""))
+                 + (f"; refit on all {len(y)} rows for {result.refit_epochs} epochs" if params.refit else "")
+                 + (f"; {params.n_members} members, epochs {result.member_epochs}" if params.n_members > 1 else ""))
     return result
