@@ -16,7 +16,7 @@ from dsk.errors import DskError
 
 TINY_TABLE = {"dim": 8, "n_heads": 2, "n_layers": 1, "n_routed_experts": 3, "n_activated_experts": 2,
               "moe_inter_dim": 8, "feature_dim": 4, "n_frequencies": 4, "epochs": 4, "min_epochs": 0, "patience": 3,
-              "batch_size": 32, "lr": 0.01, "threads": 1}
+              "batch_size": 32, "lr": 0.01, "threads": 1, "n_members": 1}
 # the attention variant: one token per feature + [CLS] (the default is one flat token)
 TOKENS_TABLE = {**TINY_TABLE, "tokens": "features"}
 FAST_FEATURIZE = {"n_estimators": 20, "umap_components": 2, "umap_epochs": 20, "umap_neighbors": 5,

@@ -28,7 +28,7 @@ class TableParams(StageParams):
         "flat", description="flat: the feature embeddings concatenated into one token (fast); features: one token per feature + [CLS], mixed by attention.")
     feature_dim: int = Field(16, ge=1, le=256, description="Width of one feature's embedding in flat mode (features mode uses dim).")
     n_members: int = Field(
-        1, ge=1, le=16, description="Train this many networks from seeds seed, seed+1, ... and average their probabilities (one artifact).")
+        3, ge=1, le=16, description="Train this many networks from seeds seed, seed+1, ... and average their probabilities (one artifact).")
     num_embedding: Literal["linear", "periodic"] = Field(
         "periodic", description="Numeric feature tokens: periodic (cos/sin of learned frequencies -> linear -> ReLU) or linear (x*w+b).")
     n_frequencies: int = Field(16, ge=1, le=256, description="Frequencies per numeric feature of the periodic embedding.")
