@@ -15,7 +15,10 @@ from dsk.artifacts import Store
 from dsk.errors import DskError
 
 TINY_TABLE = {"dim": 8, "n_heads": 2, "n_layers": 1, "n_routed_experts": 3, "n_activated_experts": 2,
-              "moe_inter_dim": 8, "epochs": 4, "patience": 3, "batch_size": 32, "lr": 0.01, "threads": 1}
+              "moe_inter_dim": 8, "feature_dim": 4, "n_frequencies": 4, "epochs": 4, "min_epochs": 0, "patience": 3,
+              "batch_size": 32, "lr": 0.01, "threads": 1, "n_members": 1}
+# the attention variant: one token per feature + [CLS] (the default is one flat token)
+TOKENS_TABLE = {**TINY_TABLE, "tokens": "features"}
 FAST_FEATURIZE = {"n_estimators": 20, "umap_components": 2, "umap_epochs": 20, "umap_neighbors": 5,
                   "cv_folds": 2, "val_fraction": 0.1}
 
@@ -54,7 +57,13 @@ def tables(tmp_path_factory):
     e = export.run(source=q.artifact.id, params=export.Params(format="onnx"), store=store)
     plain = pretrain.run(source=c.artifact.id, params=pretrain.Params(table=TINY_TABLE), store=store)
     plain_e = export.run(source=plain.artifact.id, params=export.Params(format="onnx"), store=store)
-    return {"csv": csv, "store": store, "clean": c, "features": f, "model": p, "quantized": q, "onnx": e,
+    tokens = pretrain.run(source=c.artifact.id, params=pretrain.Params(table=TOKENS_TABLE), store=store)
+    tokens_e = export.run(source=tokens.artifact.id, params=export.Params(format="onnx"), store=store)
+    ensemble = pretrain.run(source=c.artifact.id, params=pretrain.Params(table={**TINY_TABLE, "n_members": 2}),
+                            store=store)
+    ensemble_q = quantize.run(source=ensemble.artifact.id, params=quantize.Params(bits=8), store=store)
+    ensemble_e = export.run(source=ensemble_q.artifact.id, params=export.Params(format="onnx"), store=store)
+    return {"tokens": tokens, "tokens_onnx": tokens_e, "ensemble": ensemble, "ensemble_onnx": ensemble_e, "csv": csv, "store": store, "clean": c, "features": f, "model": p, "quantized": q, "onnx": e,
             "plain": plain, "plain_onnx": plain_e}
 
 
@@ -120,7 +129,7 @@ def test_same_seed_same_bytes(tables, tmp_path):
 # --------------------------------------------------------------------------- ONNX == torch on raw rows
 
 
-@pytest.mark.parametrize("which", ["onnx", "plain_onnx"])
+@pytest.mark.parametrize("which", ["onnx", "plain_onnx", "tokens_onnx", "ensemble_onnx"])
 def test_onnx_equals_torch_on_raw_rows(tables, which):
     """Raw CSV rows (missing cells, a text column) through the ONNX graph vs the torch module
     with the same folded transforms vs the reference path (numpy transforms + torch model)."""
@@ -150,6 +159,55 @@ def test_onnx_equals_torch_on_raw_rows(tables, which):
     assert np.abs(got - torch_raw).max() < 1e-5
     assert np.abs(got - reference).max() < 1e-5
     assert exported.metrics["onnx_max_abs_diff"] < 1e-4
+
+
+def test_refit_trains_on_every_row_for_the_chosen_epochs():
+    """The validation split picks the epoch count; the returned model then trains on all rows."""
+    import torch
+
+    from dsk.tabular.params import TableParams
+    from dsk.tabular.train import fit
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((120, 3)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    none = np.zeros((120, 0), np.int64)
+    common = {**TINY_TABLE, "epochs": 6, "min_epochs": 3, "patience": 2}
+    kept = fit(x, none, y, n_classes=2, params=TableParams(**common, refit=False), seed=0)
+    refit = fit(x, none, y, n_classes=2, params=TableParams(**common, refit=True), seed=0)
+    assert kept.n_train == 102 and kept.n_val == 18 and kept.refit_epochs == 0
+    assert refit.n_train == 120 and refit.refit_epochs == refit.best_epoch == kept.best_epoch
+    assert 3 <= kept.best_epoch <= 6  # epochs before min_epochs are never kept
+    with torch.no_grad():
+        a, b = kept.model(torch.from_numpy(x), None)[0], refit.model(torch.from_numpy(x), None)[0]
+    assert not np.allclose(a.numpy(), b.numpy())
+
+
+def test_ensemble_averages_its_members_probabilities(tables):
+    import torch
+
+    from dsk.tabular.io import load_table_model
+    from dsk.tabular.model import TableEnsemble
+
+    model, spec = load_table_model(tables["ensemble"].artifact.path)
+    assert isinstance(model, TableEnsemble) and len(model.members) == 2
+    assert tables["ensemble"].artifact.metrics["n_members"] == 2
+    x = torch.randn(16, len(spec.inputs_numeric))
+    codes = torch.ones(16, len(spec.inputs_categorical), dtype=torch.long)
+    with torch.no_grad():
+        each = [m(x, codes)[0].softmax(-1) for m in model.members]
+        mean = model(x, codes)[0].softmax(-1)
+    assert not torch.allclose(each[0], each[1], atol=1e-4)  # different seeds, different networks
+    torch.testing.assert_close(mean, (each[0] + each[1]) / 2, atol=1e-6, rtol=1e-5)
+
+
+def test_old_config_without_new_keys_loads_as_linear_feature_tokens():
+    from dsk.tabular.model import TableClassifier, TableConfig
+
+    cfg = TableConfig.from_dict({"n_numeric": 3, "cat_cardinalities": [], "n_classes": 2, "dim": 8, "n_heads": 2})
+    assert cfg.tokens == "features" and cfg.num_embedding == "linear"
+    model = TableClassifier(cfg)
+    assert tuple(model.num_weight.shape) == (3, 8) and model.cls.shape[-1] == 8
 
 
 def test_onnx_graph_keeps_int8_weights(tables):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dsk.errors import DskError
-from dsk.tabular.model import FORMAT_VERSION, MODEL_TYPE, TableClassifier, TableConfig
+from dsk.tabular.model import FORMAT_VERSION, MODEL_TYPE, TableClassifier, TableConfig, build_table_model
 from dsk.tabular.preprocess import CLEAN_TRANSFORM, CONFIG, FEATURE_TRANSFORM_DIR, TableSpec
 
 
@@ -66,7 +66,7 @@ def load_table_model(path: str | Path) -> tuple[TableClassifier, TableSpec]:
     spec = TableSpec.load(root)
     if spec.meta.get("format_version") != FORMAT_VERSION:
         raise DskError(f"{str(root)!r}: table model format {spec.meta.get('format_version')!r} is not {FORMAT_VERSION}")
-    model = TableClassifier(TableConfig.from_dict(spec.meta["model"]))
+    model = build_table_model(TableConfig.from_dict(spec.meta["model"]))
     quant = spec.meta.get("quantization")
     if quant:
         from dsk.tabular.quantize import quantize_model

@@ -83,7 +83,7 @@ def build(ctx: StageContext) -> None:
     ctx.log.info(f"table: {len(df):,} rows, {len(numeric)} numeric + {len(categorical)} categorical features, "
                  f"{len(classes)} classes {np.bincount(y).tolist()}")
 
-    with console.progress_task("training table classifier", tp.epochs) as advance:
+    with console.progress_task("training table classifier", tp.epochs * tp.n_members) as advance:
         def on_epoch(row: dict[str, Any]) -> None:
             advance(1, status=f"val AUC {row['val_auc']:.4f} loss {row['val_loss']:.4f}")
 
@@ -108,7 +108,7 @@ def build(ctx: StageContext) -> None:
         "val_auc": result.best_val_auc, "val_accuracy": result.best_val_accuracy, "val_loss": result.best_val_loss,
         "best_epoch": result.best_epoch, "epochs": result.epochs, "steps": result.steps,
         "stopped_by": result.stopped_by, "train_seconds": round(result.seconds, 3), "n_train": result.n_train,
-        "n_val": result.n_val, "n_params": model.num_params(), "n_classes": len(classes),
+        "n_val": result.n_val, "n_params": model.num_params(), "n_members": tp.n_members, "n_classes": len(classes),
         "n_features": len(numeric) + len(categorical), "label_column": info["label"],
     })
     ctx.key_metric = "val_auc"
