@@ -203,15 +203,19 @@ def test_batched_sampler_applies_each_rows_penalties():
     assert again[0] == int(apply_penalties(logits[0], rows[2]).argmax())
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-dense", "tiny-v3"])
-def test_static_steps_match_the_models_forward(preset):
+@pytest.mark.parametrize("preset,options", [
+    ("tiny", {}), ("tiny-dense", {}), ("tiny-v3", {}),
+    # the CPU-recipe options: the static steps share the model's projections and logits
+    ("tiny-dense", {"qk_norm": True, "mlp_act": "relu2", "logit_softcap": 5.0}),
+])
+def test_static_steps_match_the_models_forward(preset, options):
     """The fixed-shape steps (full-cache masked attention, dense MoE, in-step sampling) that the
     engine replays as CUDA graphs give the model's own tokens, greedy and seeded."""
     from dsk.models import ModelConfig, Transformer
     from dsk.serving.engine import TorchBackend
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(preset, vocab_size=64)
+    cfg = ModelConfig.preset(preset, vocab_size=64, **options)
     reference = Transformer(cfg).eval()
     fast = Transformer(cfg).eval()
     fast.load_state_dict(reference.state_dict())

@@ -40,7 +40,7 @@ def hf_architecture(cfg: ModelConfig) -> str:
                                     ("logit_softcap", cfg.logit_softcap > 0)) if on]
     if extras:
         raise DskError(f"this model uses {', '.join(extras)}, which Llama/DeepseekV3 do not have; "
-                       "use --format onnx or safetensors")
+                       "use --format safetensors (or onnx, which has ReLU^2 but not QK-norm or soft-capping)")
     if cfg.attn == "mha":
         if cfg.is_moe:
             raise DskError(

@@ -143,7 +143,9 @@ class Attention(nn.Module):
     # one GEMM for q, k and v (Transformer.use_fused); the same function as three
     fuse_projections = False
 
-    def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q [B, H, T, D] and k, v [B, n_kv, T, D], rotated: shared by training, the KV-cache
+        forward and the server's static decode steps (dsk.serving.graphs)."""
         B, T, _ = x.shape
         if self.fuse_projections and all(type(m) is nn.Linear for m in (self.wq, self.wk, self.wv)):
             # the weights are concatenated on every call (a few MB): the parameters, their names
@@ -159,6 +161,11 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, head_dim=2).transpose(1, 2)
         k = apply_rope(k, cos, sin, head_dim=2).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if layer_cache is None:
             mask, causal = (None, self.causal) if attn_mask is None else (attn_mask, False)
         else:
@@ -203,16 +210,23 @@ class MLA(nn.Module):
         self.scale = qk_head_dim**-0.5
         self.causal = cfg.causal
 
-    def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q_nope, q_rope [B, H, T, *], the latent kv [B, T, kv_lora_rank] (what the cache stores)
+        and the shared rotary key k_rope [B, T, rope]: shared by the forward, the absorbed decode
+        (dsk.serving.fast_mla) and the server's static steps (dsk.serving.graphs)."""
         B, T, _ = x.shape
         q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
         q = q.view(B, T, self.n_heads, self.nope + self.rope).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
-
         kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.kv_norm(kv)  # [B, T, kv_lora_rank]: the cached latent
-        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)  # [B, T, rope]
+        kv = self.kv_norm(kv)
+        k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
+        return q_nope, q_rope, kv, k_rope
+
+    def forward(self, x, cos, sin, positions, layer_cache: dict | None, attn_mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_rope, kv, k_rope = self.project(x, cos, sin)
         if layer_cache is None:
             mask, causal = (None, self.causal) if attn_mask is None else (attn_mask, False)
         else:
@@ -534,6 +548,13 @@ class Transformer(nn.Module):
         self.residual_dtype: torch.dtype | None = None  # e.g. bf16: the residual stream's dtype (numerics change)
         self.reset_parameters()
 
+    def logits_of(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, LM head and (if configured) logit soft-capping of hidden states ``h``."""
+        logits = self.head(self.norm(h))
+        if self.cfg.logit_softcap > 0:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits
+
     def use_fused(self, enabled: bool = True) -> "Transformer":
         """Training fast paths that compute the same function (tests/test_gpu_paths.py):
         one GEMM for q|k|v and for w1|w3 (dense and routed experts), and the LM head fused with
@@ -642,9 +663,7 @@ class Transformer(nn.Module):
         # the fused head+loss has no soft-capping, so a capped model takes the plain path
         fused = (targets is not None and self.fused_loss and self.training and torch.is_grad_enabled()
                  and type(self.head) is nn.Linear and self.cfg.logit_softcap <= 0)
-        logits = None if fused else self.head(self.norm(h))
-        if logits is not None and self.cfg.logit_softcap > 0:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        logits = None if fused else self.logits_of(h)
 
         aux: dict[str, Any] = {"expert_counts": counts, "balance_loss": balance}
         loss = None

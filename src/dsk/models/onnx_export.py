@@ -169,6 +169,12 @@ def export_onnx(model: Transformer, path: str | Path, *, opset: int = OPSET) -> 
             "cannot export a torch-quantized model to ONNX; export the float model and use "
             "`dsk quantize --bits 8 --backend onnx` for an int8 graph"
         )
+    # the hand-written decoder graph below has no QK-norm or logit soft-capping (CPU-recipe
+    # options, off by default): refuse rather than export a graph that computes something else
+    extras = [name for name, on in (("qk_norm", model.cfg.qk_norm), ("logit_softcap", model.cfg.logit_softcap > 0)) if on]
+    if extras:
+        raise DskError(f"this model uses {', '.join(extras)}, which the ONNX decoder does not implement; "
+                       "use --format safetensors")
     import warnings
 
     model = model.float().eval()

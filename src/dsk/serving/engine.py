@@ -539,7 +539,7 @@ class TorchBackend:
         # would cost k*T*V floats for nothing
         hidden, _, _ = m.trunk(m.embed(idx), positions, self.rows(first_row, first_row + k))
         last = hidden[torch.arange(k, device=self.device), lengths - 1]
-        return self.sampling.sample(m.head(m.norm(last)), first_row).tolist()
+        return self.sampling.sample(m.logits_of(last), first_row).tolist()
 
     def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
         """One token for each of rows 0..n-1 at its own position; the sampled next tokens."""

@@ -47,16 +47,10 @@ def absorbed_step(self: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     """One cached step of MLA layer ``self`` for x [B, 1, D]: write the new latent at
     ``positions`` of cache rows ``rows``, attend over the first ``kv_len`` cached positions
     where ``visible`` (bool, broadcast to [B, H, 1, kv_len]) allows."""
-    from dsk.models.model import _write, apply_rope
+    from dsk.models.model import _write
 
     B, T, _ = x.shape
-    q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-    q = q.view(B, T, self.n_heads, self.nope + self.rope).transpose(1, 2)
-    q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
-    q_rope = apply_rope(q_rope, cos, sin)
-    kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
-    kv = self.kv_norm(kv)
-    k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
+    q_nope, q_rope, kv, k_rope = self.project(x, cos, sin)
     _write(layer_cache["kv"], rows, positions, kv)
     _write(layer_cache["k_rope"], rows, positions, k_rope)
     latent = layer_cache["kv"][:, :kv_len].to(kv.dtype)  # [B, S, rank]

@@ -233,7 +233,7 @@ class StaticRunner:
             layer_cache = {name: t[:b] for name, t in self.cache.layers[i].items()}
             h = h + self._attend_cached(block.attn, block.attn_norm(h), cos, sin, positions, rows, layer_cache, visible)
             h = h + self._ffn(i, block.ffn, block.ffn_norm(h))
-        logits = m.head(m.norm(h[:, -1]))
+        logits = m.logits_of(h[:, -1])
         s = self.sampling
         tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.seed_step[:b])
         observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
@@ -249,7 +249,7 @@ class StaticRunner:
             h = h + self._attend_prompt(block.attn, block.attn_norm(h), cos, sin, positions, rows, self.cache.layers[i])
             h = h + self._ffn(i, block.ffn, block.ffn_norm(h))
         last = h[self.row_ids[:kb], lengths - 1]
-        logits = m.head(m.norm(last))
+        logits = m.logits_of(last)
         s = self.sampling
         tokens = sample_rows(logits, s.params[rows], s.counts[rows], s.seen[rows], s.seed_step[rows])
         observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
@@ -258,16 +258,13 @@ class StaticRunner:
     # ------------------------------------------------------------------ layers
     def _attend_cached(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        positions: torch.Tensor, rows: torch.Tensor, layer_cache: dict, visible: torch.Tensor):
-        from dsk.models.model import MLA, _write, apply_rope
+        from dsk.models.model import MLA, _write
         from dsk.serving.fast_mla import absorbed_step
 
         if isinstance(attn, MLA):
             return absorbed_step(attn, x, cos, sin, positions, rows, layer_cache, self.max_len, visible)
         B, T, _ = x.shape
-        q = attn.wq(x).view(B, T, attn.n_heads, attn.hd).transpose(1, 2)
-        k = attn.wk(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
-        v = attn.wv(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = attn.project(x, cos, sin)
         _write(layer_cache["k"], rows, positions, k.transpose(1, 2))
         _write(layer_cache["v"], rows, positions, v.transpose(1, 2))
         keys = layer_cache["k"].transpose(1, 2).to(q.dtype)
@@ -282,17 +279,11 @@ class StaticRunner:
                        positions: torch.Tensor, rows: torch.Tensor, layer_cache: dict):
         """Causal attention within the prompts (from position 0), writing their keys into the
         cache rows ``rows``: the model's own cached forward, without reading the cache back."""
-        from dsk.models.model import MLA, _write, apply_rope
+        from dsk.models.model import MLA, _write
 
         B, T, _ = x.shape
         if isinstance(attn, MLA):
-            q = attn.wq_b(attn.q_norm(attn.wq_a(x))) if hasattr(attn, "wq_a") else attn.wq(x)
-            q = q.view(B, T, attn.n_heads, attn.nope + attn.rope).transpose(1, 2)
-            q_nope, q_rope = q.split([attn.nope, attn.rope], dim=-1)
-            q_rope = apply_rope(q_rope, cos, sin)
-            kv, k_rope = attn.wkv_a(x).split([attn.kv_lora_rank, attn.rope], dim=-1)
-            kv = attn.kv_norm(kv)
-            k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
+            q_nope, q_rope, kv, k_rope = attn.project(x, cos, sin)
             _write(layer_cache["kv"], rows, positions, kv)
             _write(layer_cache["k_rope"], rows, positions, k_rope)
             kv = attn.wkv_b(kv).view(B, T, attn.n_heads, attn.nope + attn.vd).transpose(1, 2)
@@ -301,10 +292,7 @@ class StaticRunner:
             q = torch.cat([q_nope, q_rope], dim=-1)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale)
             return attn.wo(y.transpose(1, 2).reshape(B, T, -1))
-        q = attn.wq(x).view(B, T, attn.n_heads, attn.hd).transpose(1, 2)
-        k = attn.wk(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
-        v = attn.wv(x).view(B, T, attn.n_kv, attn.hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = attn.project(x, cos, sin)
         _write(layer_cache["k"], rows, positions, k.transpose(1, 2))
         _write(layer_cache["v"], rows, positions, v.transpose(1, 2))
         if attn.n_kv != attn.n_heads:
