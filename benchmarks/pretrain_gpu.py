@@ -52,6 +52,18 @@ CONTEXT = 1024
 # name -> settings; the driver runs them in this order (most important first)
 VARIANTS: dict[str, dict] = {
     "nanogpt-b32": dict(model="nanogpt", batch=32),
+    # third session: the Triton cross-entropy kernel (dsk.models.ce_kernel) is the fused loss's default;
+    # "-oldce" is the compiled PyTorch expression it replaced, in the same call
+    "dense-b32-fused-bf16res-oldce": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                          triton_ce=False),
+    "dense-b32-fused-bf16res-flash": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                          sdpa="flash"),
+    # kernels alone: the cross-entropy candidates against the compiled expression and a copy, SDPA backends
+    "micro": dict(model="micro", batch=32),
+    # router balance on real text (BPE tokens of tinyshakespeare), several hundred steps, several seeds
+    "moe-text-b32": dict(model="balance", preset="gpt2-moe", batch=32, fused=True, steps=400,
+                         settings=[dict(gamma=0.003, seq_aux_alpha=0.001), dict(gamma=0.001, seq_aux_alpha=0.001)],
+                         seeds=[0, 1]),
     "dense-b32": dict(model="dsk", preset="gpt2", batch=32),
     # Transformer.use_fused(): one GEMM for q|k|v and w1|w3, the LM head fused with the loss
     "dense-b32-fused": dict(model="dsk", preset="gpt2", batch=32, fused=True),
@@ -84,9 +96,9 @@ VARIANTS: dict[str, dict] = {
 }
 # the default run: the anchors at both batches, the plain and the fast paths, the trainer, the MoE with its
 # balance settings, then the attribution variants (the first session's stay selectable with --only)
-DEFAULT = ["nanogpt-b32", "nanogpt-b64", "dense-b32", "dense-b32-fused", "dense-b32-fused-bf16res",
-           "dense-b64-fused-bf16res", "trainer-dense-b32-bf16res", "moe-b64-fused-bf16res", "moe-b32-fused",
-           "dense-b32-fusedloss-bf16res", "dense-b32-fused-bf16res-cdt", "dense-b32-fused-maxautotune"]
+DEFAULT = ["micro", "nanogpt-b32", "dense-b32-fused-bf16res", "dense-b32-fused-bf16res-oldce", "dense-b32-fused",
+           "moe-text-b32", "dense-b32-fused-bf16res-flash", "nanogpt-b64", "dense-b64-fused-bf16res",
+           "trainer-dense-b32-bf16res", "dense-b32-fused-bf16res-cdt", "dense-b32-fused-maxautotune"]
 
 # router-balancing settings measured on one compiled MoE model (variants with balance=True):
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
@@ -251,6 +263,14 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
 
     if v["model"] == "trainer":
         return row | measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir)
+    if v["model"] == "micro":
+        return row | (measure_micro(quick) if device == "cuda" else {"skipped": "needs CUDA"})
+    if v.get("triton_ce") is False:
+        import dsk.models.model as M
+
+        M.triton_cross_entropy = False
+    if v["model"] == "balance":
+        return row | measure_balance(v, batch, context, vocab, device, quick, compile_)
 
     if v["model"] == "nanogpt":
         model = NanoGPT(vocab=vocab, context=context, **({"n_layer": 2, "n_head": 4, "d": 64} if quick else {}))
@@ -492,6 +512,277 @@ def check_grouped(model, cfg, device: str) -> float:
     return round(float((fast - slow).norm() / slow.norm()), 5)
 
 
+# =========================================================================== third session: kernels, balance
+
+
+def _bench_ms(fn, reps_ms: int = 200) -> float:
+    """Median milliseconds of ``fn`` (CUDA events, after warm-up)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=reps_ms, return_mode="median"))
+
+
+def measure_micro(quick: bool) -> dict:
+    """The loss kernel's candidates on GPT-2-sized logits, and attention's backends, alone.
+
+    Cross-entropy rows: bf16 logits [32768, 50304] (batch 32 x 1024), random targets, 1/5 of
+    the rows ignored; each candidate returns the per-row loss and the bf16 gradient, checked
+    against the compiled PyTorch expression that the fused head used before (docs/performance.md).
+    The floor is one read and one write of the logits: timed as a device copy of the same bytes.
+    """
+    import triton
+    import triton.language as tl
+
+    import dsk.models.ce_kernel as K
+
+    N, V = (256, 1000) if quick else (32768, VOCAB)
+    torch.manual_seed(0)
+    out: dict = {"ce_shape": [N, V]}
+    x = (3 * torch.randn(N, V, device="cuda")).bfloat16()
+    t = torch.randint(0, V, (N,), device="cuda")
+    t[torch.rand(N, device="cuda") < 0.2] = -100
+    inv = (1.0 / (t != -100).sum().float()).reshape(1)
+    y = torch.empty_like(x)
+    copy_ms = _bench_ms(lambda: y.copy_(x))
+    out["copy_ms"] = round(copy_ms, 3)
+    out["copy_tb_s"] = round(2 * x.numel() * 2 / copy_ms / 1e9, 2)
+    cols = torch.arange(V, device="cuda")
+
+    @torch.compile
+    def reference(logits, targets, inv_count):
+        lf = logits.float()
+        lse = torch.logsumexp(lf, dim=-1)
+        valid = targets != -100
+        target_logit = lf.gather(1, torch.where(valid, targets, 0)[:, None]).squeeze(1)
+        loss = torch.where(valid, lse - target_logit, 0.0)
+        scale = valid.float() * inv_count
+        g = ((torch.exp(lf - lse[:, None]) - (cols == targets[:, None]).float()) * scale[:, None]).to(logits.dtype)
+        return loss, g
+
+    ref_loss, ref_g = reference(x, t, inv)
+    exact_loss, exact_g = ref_loss.float(), ref_g.float()
+    rows = [{"kernel": "compiled torch (before)", "ms": round(_bench_ms(lambda: reference(x, t, inv)), 3)}]
+
+    @triton.jit
+    def whole_row(x_ptr, g_ptr, t_ptr, loss_ptr, scale_ptr, stride, V, BLOCK: tl.constexpr):
+        # the row held in registers: one read from memory by construction (spills permitting)
+        row = tl.program_id(0).to(tl.int64)
+        cols_ = tl.arange(0, BLOCK)
+        mask = cols_ < V
+        xv = tl.load(x_ptr + row * stride + cols_, mask=mask, other=float("-inf")).to(tl.float32)
+        tv = tl.load(t_ptr + row)
+        m = tl.max(xv, 0)
+        e = tl.exp(xv - m)
+        s = tl.sum(e, 0)
+        lse = m + tl.log(s)
+        valid = tv != -100
+        xt = tl.sum(tl.where(cols_ == tv, xv, 0.0), 0)
+        tl.store(loss_ptr + row, tl.where(valid, lse - xt, 0.0))
+        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        g = (e / s - tl.where(cols_ == tv, 1.0, 0.0)) * scale
+        tl.store(g_ptr + row * stride + cols_, g.to(tl.bfloat16), mask=mask)
+
+    def check(loss, g):
+        return (float((loss.float() - exact_loss).norm() / exact_loss.norm()),
+                float((g.float() - exact_g).norm() / exact_g.norm()))
+
+    # (BLOCK, warps, programs per SM; 0 = one program per row)
+    candidates = [(4096, 8, 0), (8192, 8, 0), (8192, 16, 0), (16384, 16, 0), (16384, 32, 0), (2048, 4, 8),
+                  (4096, 8, 2), (4096, 8, 4), (8192, 4, 4), (8192, 8, 2), (8192, 16, 1), (8192, 16, 2),
+                  (16384, 16, 1), (16384, 32, 1)]
+    for b, w, p in candidates:
+        loss = torch.full((N,), float("nan"), device="cuda")
+        g = torch.full_like(x, float("nan"))
+        grid = (K.grid_of(N, p, x.device),)
+
+        def run(loss=loss, g=g, b=b, w=w, p=p, grid=grid):
+            K._ce_rows[grid](x, g, t, loss, inv, x.stride(0), g.stride(0), N, V, -100, BLOCK=b, PER_SM=p, num_warps=w)
+        name = f"two sweeps BLOCK={b} warps={w} " + (f"{p} programs/SM" if p else "one program per row")
+        try:
+            run()
+            lerr, gerr = check(loss, g)
+            rows.append({"kernel": name, "ms": round(_bench_ms(run), 3), "loss_rel_err": lerr, "grad_rel_err": gerr})
+        except Exception as exc:  # a config the compiler rejects is a result too
+            rows.append({"kernel": name, "error": str(exc)[:200]})
+    block = triton.next_power_of_2(V)
+    for w in (16, 32):
+        loss = torch.full((N,), float("nan"), device="cuda")
+        g = torch.full_like(x, float("nan"))
+
+        def run(loss=loss, g=g, w=w):
+            whole_row[(N,)](x, g, t, loss, inv, x.stride(0), V, BLOCK=block, num_warps=w)
+        try:
+            run()
+            lerr, gerr = check(loss, g)
+            rows.append({"kernel": f"whole row in registers BLOCK={block} warps={w}", "ms": round(_bench_ms(run), 3),
+                         "loss_rel_err": lerr, "grad_rel_err": gerr})
+        except Exception as exc:
+            rows.append({"kernel": f"whole row BLOCK={block} warps={w}", "error": str(exc)[:200]})
+    # the op as the model calls it (autotuned over ce_kernel's configs on the first call)
+    loss, g = K.cross_entropy_rows(x, t, inv, -100)
+    lerr, gerr = check(loss, g)
+    rows.append({"kernel": f"dsk::cross_entropy_rows (autotuned: {K._ce_rows_kernel.best_config})",
+                 "ms": round(_bench_ms(lambda: K.cross_entropy_rows(x, t, inv, -100)), 3),
+                 "loss_rel_err": lerr, "grad_rel_err": gerr})
+    out["ce"] = rows
+    del x, y, g, ref_g, exact_g
+    torch.cuda.empty_cache()
+
+    # attention, fwd + bwd, [32, 12, 1024, 64] causal, q/k/v as the model lays them out ([B, T, H, D] viewed)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, H, T, D = (2, 4, 128, 64) if quick else (32, 12, CONTEXT, 64)
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    go = torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16)
+    flops = 4 * B * H * T * T * D / 2 * 3.5  # causal; backward = 2.5 x forward
+    att = []
+    ref_out = None
+    for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                     ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def fb(be=be):
+            with sdpa_kernel([be]):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return o, torch.autograd.grad(o, (q, k, v), go)
+        try:
+            o, _ = fb()
+            ref_out = o.float() if ref_out is None else ref_out
+            err = float((o.float() - ref_out).norm() / ref_out.norm())
+            with sdpa_kernel([be]):
+                fwd_ms = _bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            ms = _bench_ms(fb)
+            att.append({"backend": name, "fwd_bwd_ms": round(ms, 3), "fwd_ms": round(fwd_ms, 3),
+                        "tflops": round(flops / ms / 1e9, 1), "rel_err_vs_cudnn": err})
+        except Exception as exc:
+            att.append({"backend": name, "error": str(exc)[:200]})
+    out["attention"] = att
+    return out
+
+
+def bpe_tokens(quick: bool) -> torch.Tensor:
+    """tinyshakespeare as the project's byte-level BPE tokens (8192-word vocabulary trained on it)."""
+    from dsk.data.tokenizer import Tokenizer, train_bpe
+
+    here = [REPO / "data" / "sample" / "tinyshakespeare.txt", Path.cwd() / "data" / "sample" / "tinyshakespeare.txt"]
+    text = next(p for p in here if p.exists()).read_text()
+    if quick:
+        text = text[:200_000]
+    tok = Tokenizer(train_bpe(text.split("\n\n"), vocab_size=512 if quick else 8192))
+    return torch.tensor(tok.encode(text), dtype=torch.long)
+
+
+def measure_balance(v: dict, batch: int, context: int, vocab: int, device: str, quick: bool, compile_: bool) -> dict:
+    """Expert load of ``gpt2-moe`` trained on real text: ``steps`` steps per (setting, seed), the
+    same compiled model re-initialised for each; every step's per-layer loads are kept (on the
+    device, read once at the end) and summarised over the last half of the run."""
+    from dsk.train.optim import make_optimizer
+
+    tokens = bpe_tokens(quick)
+    model, cfg, n_params = dsk_model(v["preset"], context, vocab, quick)
+    model.to(device).train()
+    model.use_fused(True)
+    if v.get("residual") == "bf16":
+        model.residual_dtype = torch.bfloat16
+    fwd = torch.compile(model) if compile_ else model
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device_type=device, dtype=torch.bfloat16)
+    moe_ids = sorted(model.moe_layers())
+    steps = 12 if quick else v["steps"]
+    flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.dim * context
+    offsets = torch.arange(context + 1)
+    out = {"tokens": int(tokens.numel()), "steps": steps, "runs": []}
+    for setting in v["settings"]:
+        for seed in v["seeds"]:
+            torch.manual_seed(seed)
+            with torch.no_grad():
+                model.reset_parameters()
+            for moe in model.moe_layers().values():
+                moe.load.zero_()
+            cfg.bias_update_speed, cfg.seq_aux_alpha = setting["gamma"], setting["seq_aux_alpha"]
+            opt = make_optimizer(model, name="adamw", lr=6e-4, weight_decay=0.1, betas=(0.9, 0.95), device=device)
+            gen = torch.Generator().manual_seed(seed)
+            loads = torch.zeros(steps, len(moe_ids), cfg.n_routed_experts, device=device)
+            losses = torch.zeros(steps, device=device)
+            t0 = time.perf_counter()
+            t_half = None
+            for i in range(steps):
+                if i == steps // 2:
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t_half = time.perf_counter()
+                starts = torch.randint(0, tokens.numel() - context - 1, (batch,), generator=gen)
+                block = tokens[starts[:, None] + offsets]
+                if device == "cuda":
+                    block = block.pin_memory()
+                x = block[:, :-1].to(device, non_blocking=True)
+                y = block[:, 1:].to(device, non_blocking=True)
+                try:
+                    with autocast:
+                        loss = fwd(x, targets=y).loss
+                    loss.backward()
+                except Exception as exc:  # keep the balance measurement if the loss kernel fails to build
+                    if "ce_kernel_error" in out:
+                        raise
+                    import dsk.models.model as M
+
+                    out["ce_kernel_error"] = str(exc)[:300]
+                    M.triton_cross_entropy = False
+                    torch._dynamo.reset()
+                    fwd = torch.compile(model) if compile_ else model
+                    opt.zero_grad(set_to_none=True)
+                    with autocast:
+                        loss = fwd(x, targets=y).loss
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step_loads = model.update_router_bias()
+                loads[i] = torch.stack([step_loads[j].float() for j in moe_ids])
+                losses[i] = loss.detach()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            tps_half = batch * context * (steps - steps // 2) / (t1 - t_half)
+            out["runs"].append({"gamma": setting["gamma"], "seq_aux_alpha": setting["seq_aux_alpha"], "seed": seed,
+                                "wall_s": round(t1 - t0, 1), "tokens_per_s_second_half": round(tps_half),
+                                "model_tflops_second_half": round(flops_per_token * tps_half / 1e12, 1),
+                                **load_summary(loads.cpu(), losses.cpu(), moe_ids)})
+            r = out["runs"][-1]
+            print("balance-text", json.dumps({k: r[k] for k in ("gamma", "seq_aux_alpha", "seed", "tokens_per_s_second_half",
+                                                              "last_half", "loss_last_20")}), flush=True)
+    out["matmul_params"] = n_params
+    out["flops_per_token"] = flops_per_token
+    out["tokens_per_s"] = int(sorted(r["tokens_per_s_second_half"] for r in out["runs"])[len(out["runs"]) // 2])
+    return out
+
+
+def load_summary(loads: torch.Tensor, losses: torch.Tensor, moe_ids: list[int]) -> dict:
+    """loads [steps, layers, E]: max/mean of the loads summed over a window and of each step
+    (averaged over the window), per layer; the worst and the median layer; in windows of a
+    quarter of the run and over its last half."""
+    steps = loads.shape[0]
+
+    def window(a: int, b: int) -> dict:
+        w = loads[a:b]
+        summed = w.sum(0)
+        summed_r = summed.max(-1).values / summed.mean(-1)          # [layers]
+        per_step = (w.max(-1).values / w.mean(-1)).mean(0)          # [layers]
+        med = lambda r: float(r.sort().values[(len(r) - 1) // 2])  # noqa: E731
+        return {"steps": [a, b], "summed_worst": round(float(summed_r.max()), 3), "summed_median": round(med(summed_r), 3),
+                "summed_worst_layer": moe_ids[int(summed_r.argmax())],
+                "per_step_worst": round(float(per_step.max()), 3), "per_step_median": round(med(per_step), 3),
+                "per_step_worst_layer": moe_ids[int(per_step.argmax())],
+                "summed_by_layer": [round(float(r), 3) for r in summed_r],
+                "per_step_by_layer": [round(float(r), 3) for r in per_step]}
+
+    q = max(1, steps // 4)
+    per_step_worst = (loads.max(-1).values / loads.mean(-1)).max(-1).values  # [steps]: worst layer each step
+    return {"quarters": [window(a, min(a + q, steps)) for a in range(0, steps, q)],
+            "last_half": window(steps // 2, steps),
+            "per_step_worst_layer_trace": [round(float(r), 3) for r in per_step_worst],
+            "loss_first_20": round(float(losses[:20].mean()), 4), "loss_last_20": round(float(losses[-20:].mean()), 4)}
+
+
 def profile_steps(step, first: int, device: str, n: int = 3) -> tuple[dict, str]:
     """Device (or CPU) time of the forward / backward / optimizer ranges over ``n`` profiled steps."""
     from torch.profiler import ProfilerActivity, profile
@@ -562,6 +853,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['variant']} | | | | | | | | failed: {r['error'][:120]} |")
             continue
+        if "tokens_per_s" not in r or r.get("model") == "balance":
+            continue  # kernels and router balance: their own tables below
         split = " / ".join(str(r.get(k, "")) for k in ("forward_ms", "backward_ms", "optimizer_ms"))
         note = f"grouped-vs-loop rel err {r['grouped_vs_loop_rel_err']}" if "grouped_vs_loop_rel_err" in r else ""
         if "fused_vs_plain" in r:
@@ -583,6 +876,34 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             lines.append(f"| {name} | {b['gamma']}{' ' + b['rule'] if b.get('rule') else ''}"
                          f"{' + seq loss ' + str(b['seq_aux_alpha']) if b.get('seq_aux_alpha') else ''} | {b['warmup']} | {b['data']} | {b['tokens_per_s']:,} | "
                          f"{b['expert_load_max_over_mean']} | {b['expert_load_max_over_mean_stepwise']} | {b['loss_end']} |")
+    for r in rows:
+        if r.get("ce"):
+            lines += ["", f"Cross-entropy rows alone, bf16 logits {r['ce_shape']} (loss + gradient; floor = a copy of the "
+                      f"same bytes: {r['copy_ms']} ms, {r['copy_tb_s']} TB/s):", "",
+                      "| kernel | ms | loss rel err | grad rel err (vs the compiled expression) |", "| --- | --- | --- | --- |"]
+            for c in r["ce"]:
+                lines.append(f"| {c['kernel']} | {c.get('ms', c.get('error', ''))} | {c.get('loss_rel_err', '')} | "
+                             f"{c.get('grad_rel_err', '')} |")
+        if r.get("attention"):
+            lines += ["", "SDPA backends, [32, 12, 1024, 64] bf16 causal, forward + backward:", "",
+                      "| backend | fwd+bwd ms | fwd ms | TFLOP/s | rel err vs the first |", "| --- | --- | --- | --- | --- |"]
+            for a in r["attention"]:
+                lines.append(f"| {a['backend']} | {a.get('fwd_bwd_ms', a.get('error', ''))} | {a.get('fwd_ms', '')} | "
+                             f"{a.get('tflops', '')} | {a.get('rel_err_vs_cudnn', '')} |")
+        if r.get("model") == "balance" and r.get("runs"):
+            lines += ["", f"Router balance on tinyshakespeare BPE tokens ({r['variant']}, batch {r['batch']}, "
+                      f"{r['steps']} steps; load max/mean over the last half: of the summed loads / each step's, "
+                      "averaged; worst and median of the MoE layers):", "",
+                      "| gamma | seq loss | seed | summed worst | summed median | per-step worst | per-step median "
+                      "| per-step worst, by quarter | tokens/s | MFU | loss first/last 20 |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            for b in r["runs"]:
+                h = b["last_half"]
+                mfu = f"{b['model_tflops_second_half'] / meta['matmul_tflops'] * 100:.1f}%" if meta.get("matmul_tflops") == meta.get("matmul_tflops") else ""
+                lines.append(f"| {b['gamma']} | {b['seq_aux_alpha']} | {b['seed']} | {h['summed_worst']} | {h['summed_median']} | "
+                             f"{h['per_step_worst']} | {h['per_step_median']} | "
+                             f"{' / '.join(str(qq['per_step_worst']) for qq in b['quarters'])} | "
+                             f"{b['tokens_per_s_second_half']:,} | {mfu} | {b['loss_first_20']} / {b['loss_last_20']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -155,3 +155,57 @@ def test_rope_in_either_memory_order_is_the_same_rotation():
     a = apply_rope(x, cos[pos], sin[pos])
     b = apply_rope(x.transpose(1, 2).contiguous(), cos[pos], sin[pos], head_dim=2).transpose(1, 2)
     assert torch.equal(a, b)
+
+
+def _head_loss_kernel_vs_torch(device: str) -> None:
+    """The Triton cross-entropy kernel inside head_cross_entropy against the PyTorch expression."""
+    import dsk.models.model as M
+
+    torch.manual_seed(0)
+    n, d, v = 37, 32, 3001  # a vocabulary that is no multiple of any block size
+    h = torch.randn(n, d, device=device, requires_grad=True)
+    w = (0.3 * torch.randn(v, d, device=device)).requires_grad_()
+    t = torch.randint(0, v, (n,), device=device)
+    t[[0, 5, 6]] = -100
+    out = {}
+    for kernel in (False, True):
+        M.triton_cross_entropy = kernel
+        try:
+            loss = M.head_cross_entropy(h, w, t, chunk_rows=16)  # 3 chunks, the last one short
+            (2.0 * loss).backward()
+        finally:
+            M.triton_cross_entropy = True
+        out[kernel] = (loss.detach(), h.grad.clone(), w.grad.clone())
+        h.grad = w.grad = None
+    for a, b in zip(out[True], out[False]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_cross_entropy_kernel_in_triton_interpreter():
+    """The kernel's arithmetic on CPU, through Triton's interpreter (skipped where Triton is absent)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    # each config alone: one program per row, and a persistent grid (3 programs per "SM" here)
+    code = ("import dsk.models.ce_kernel as K, tests.test_gpu_paths as T\n"
+            "K.available = lambda t: True\n"
+            "K.grid_of = lambda n, per_sm, device: n if per_sm == 0 else min(n, 3 * per_sm)\n"
+            "configs = list(K._ce_rows_kernel.configs)\n"
+            "for c in (configs[0], configs[3]):\n"
+            "    K._ce_rows_kernel.configs = [c]\n"
+            "    K._ce_rows_kernel.cache.clear()\n"
+            "    T._head_loss_kernel_vs_torch('cpu')\n")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.gpu
+def test_cross_entropy_kernel_on_gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _head_loss_kernel_vs_torch("cuda")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dsk.errors import DskError
+from dsk.models import ce_kernel
 from dsk.models.config import ModelConfig
 
 # --------------------------------------------------------------------------- basics
@@ -439,6 +440,10 @@ def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, B: int, T: in
 # --------------------------------------------------------------------------- LM head + loss
 
 
+# the fused head's loss through dsk.models.ce_kernel on CUDA (a switch for benchmarks' A/B runs)
+triton_cross_entropy = True
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``h @ weight.T`` against ``targets``, with its gradients made in the forward.
 
@@ -458,8 +463,17 @@ class _HeadCrossEntropy(torch.autograd.Function):
         cols = torch.arange(weight.shape[0], device=h.device)
         loss = h.new_zeros((), dtype=torch.float32)
         grad_h, grad_w = [], None
+        kernel = triton_cross_entropy and ce_kernel.available(h)
+        inv_count = (1.0 / n_valid.float()).reshape(1)
         for start in range(0, h.shape[0], chunk_rows):
             hs, ts, valid = hc[start : start + chunk_rows], targets[start : start + chunk_rows], valid_all[start : start + chunk_rows]
+            if kernel:  # one kernel: loss rows and the logits' gradient, each row read once from memory
+                rows, g = ce_kernel.cross_entropy_rows(hs @ wc.t(), ts, inv_count, ignore_index)
+                loss = loss + rows.sum()
+                grad_h.append(g @ wc)
+                gw = (g.t() @ hs).float()
+                grad_w = gw if grad_w is None else grad_w + gw
+                continue
             logits = (hs @ wc.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, torch.where(valid, ts, 0)[:, None]).squeeze(1)
