@@ -60,6 +60,7 @@ VARIANTS: dict[str, dict] = {
                                           sdpa="flash"),
     # kernels alone: the cross-entropy candidates against the compiled expression and a copy, SDPA backends
     "micro": dict(model="micro", batch=32),
+    "micro-ce": dict(model="micro", batch=32, attention=False, whole_rows=False),
     # router balance on real text (BPE tokens of tinyshakespeare), several hundred steps, several seeds
     "moe-text-b32": dict(model="balance", preset="gpt2-moe", batch=32, fused=True, steps=400,
                          settings=[dict(gamma=0.003, seq_aux_alpha=0.001), dict(gamma=0.001, seq_aux_alpha=0.001)],
@@ -264,7 +265,8 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
     if v["model"] == "trainer":
         return row | measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir)
     if v["model"] == "micro":
-        return row | (measure_micro(quick) if device == "cuda" else {"skipped": "needs CUDA"})
+        return row | (measure_micro(quick, v.get("attention", True), v.get("whole_rows", True)) if device == "cuda"
+                      else {"skipped": "needs CUDA"})
     if v.get("triton_ce") is False:
         import dsk.models.model as M
 
@@ -522,7 +524,7 @@ def _bench_ms(fn, reps_ms: int = 200) -> float:
     return float(do_bench(fn, warmup=25, rep=reps_ms, return_mode="median"))
 
 
-def measure_micro(quick: bool) -> dict:
+def measure_micro(quick: bool, attention: bool = True, whole_rows: bool = True) -> dict:
     """The loss kernel's candidates on GPT-2-sized logits, and attention's backends, alone.
 
     Cross-entropy rows: bf16 logits [32768, 50304] (batch 32 x 1024), random targets, 1/5 of
@@ -586,26 +588,26 @@ def measure_micro(quick: bool) -> dict:
         return (float((loss.float() - exact_loss).norm() / exact_loss.norm()),
                 float((g.float() - exact_g).norm() / exact_g.norm()))
 
-    # (BLOCK, warps, programs per SM; 0 = one program per row)
-    candidates = [(4096, 8, 0), (8192, 8, 0), (8192, 16, 0), (16384, 16, 0), (16384, 32, 0), (2048, 4, 8),
-                  (4096, 8, 2), (4096, 8, 4), (8192, 4, 4), (8192, 8, 2), (8192, 16, 1), (8192, 16, 2),
-                  (16384, 16, 1), (16384, 32, 1)]
-    for b, w, p in candidates:
+    # (BLOCK, warps, per-lane running statistics in sweep 1, sweep 2 reversed): dsk.models.ce_kernel
+    candidates = [(4096, 8, 0, 0), (8192, 8, 0, 0), (4096, 8, 1, 0), (4096, 8, 0, 1), (4096, 8, 1, 1),
+                  (8192, 8, 1, 1), (8192, 16, 1, 1), (2048, 4, 1, 1), (16384, 16, 1, 1)]
+    for b, w, lanes, rev in candidates:
         loss = torch.full((N,), float("nan"), device="cuda")
         g = torch.full_like(x, float("nan"))
-        grid = (K.grid_of(N, p, x.device),)
 
-        def run(loss=loss, g=g, b=b, w=w, p=p, grid=grid):
-            K._ce_rows[grid](x, g, t, loss, inv, x.stride(0), g.stride(0), N, V, -100, BLOCK=b, PER_SM=p, num_warps=w)
-        name = f"two sweeps BLOCK={b} warps={w} " + (f"{p} programs/SM" if p else "one program per row")
+        def run(loss=loss, g=g, b=b, w=w, lanes=lanes, rev=rev):
+            K._ce_rows[(N,)](x, g, t, loss, inv, x.stride(0), g.stride(0), V, -100, BLOCK=b, LANES=lanes, REVERSE=rev,
+                             num_warps=w)
+        name = f"two sweeps BLOCK={b} warps={w}" + (" per-lane stats" if lanes else "") + (" reversed" if rev else "")
         try:
             run()
             lerr, gerr = check(loss, g)
-            rows.append({"kernel": name, "ms": round(_bench_ms(run), 3), "loss_rel_err": lerr, "grad_rel_err": gerr})
+            rows.append({"kernel": name, "ms": round(_bench_ms(run), 3), "loss_rel_err": lerr, "grad_rel_err": gerr,
+                         "nan_left": bool(torch.isnan(g).any() or torch.isnan(loss).any())})
         except Exception as exc:  # a config the compiler rejects is a result too
             rows.append({"kernel": name, "error": str(exc)[:200]})
     block = triton.next_power_of_2(V)
-    for w in (16, 32):
+    for w in ((16, 32) if whole_rows else ()):
         loss = torch.full((N,), float("nan"), device="cuda")
         g = torch.full_like(x, float("nan"))
 
@@ -627,6 +629,8 @@ def measure_micro(quick: bool) -> dict:
     out["ce"] = rows
     del x, y, g, ref_g, exact_g
     torch.cuda.empty_cache()
+    if not attention:
+        return out
 
     # attention, fwd + bwd, [32, 12, 1024, 64] causal, q/k/v as the model lays them out ([B, T, H, D] viewed)
     from torch.nn.attention import SDPBackend, sdpa_kernel

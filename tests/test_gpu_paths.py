@@ -162,7 +162,7 @@ def _head_loss_kernel_vs_torch(device: str) -> None:
     import dsk.models.model as M
 
     torch.manual_seed(0)
-    n, d, v = 37, 32, 3001  # a vocabulary that is no multiple of any block size
+    n, d, v = 37, 32, 9001  # no multiple of any block size: 2-3 chunks, the last one padded
     h = torch.randn(n, d, device=device, requires_grad=True)
     w = (0.3 * torch.randn(v, d, device=device)).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
@@ -177,7 +177,8 @@ def _head_loss_kernel_vs_torch(device: str) -> None:
             M.triton_cross_entropy = True
         out[kernel] = (loss.detach(), h.grad.clone(), w.grad.clone())
         h.grad = w.grad = None
-    for a, b in zip(out[True], out[False]):
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-6, atol=0)  # fp32 sums: a few ulps apart
+    for a, b in zip(out[True][1:], out[False][1:]):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
@@ -189,12 +190,11 @@ def test_cross_entropy_kernel_in_triton_interpreter():
     from pathlib import Path
 
     pytest.importorskip("triton")
-    # each config alone: one program per row, and a persistent grid (3 programs per "SM" here)
+    # each config alone: per-chunk and per-lane running statistics, forward and reversed second sweep
     code = ("import dsk.models.ce_kernel as K, tests.test_gpu_paths as T\n"
             "K.available = lambda t: True\n"
-            "K.grid_of = lambda n, per_sm, device: n if per_sm == 0 else min(n, 3 * per_sm)\n"
             "configs = list(K._ce_rows_kernel.configs)\n"
-            "for c in (configs[0], configs[3]):\n"
+            "for c in configs[:3]:\n"
             "    K._ce_rows_kernel.configs = [c]\n"
             "    K._ce_rows_kernel.cache.clear()\n"
             "    T._head_loss_kernel_vs_torch('cpu')\n")

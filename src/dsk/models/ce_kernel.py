@@ -3,10 +3,9 @@
 For each row of logits ``x`` [N, V] with target ``t``: ``loss = logsumexp(x) - x[t]`` and
 ``grad = (softmax(x) - onehot(t)) * scale`` (``scale`` = 1 / scored rows; 0 on ignored rows).
 One program handles one row: a first sweep finds the running max and sum of exponentials,
-a second writes the gradient. The row (100 KB in bf16 at GPT-2's vocabulary) is read a
-second time while still in L2, so device memory sees about one read and one write of the
-logits, where the compiled PyTorch expression read them twice from memory
-(docs/performance.md: 4.4 ms a step at batch 32 x 1024 on an H100).
+a second writes the gradient, re-reading the row (100 KB in bf16 at GPT-2's vocabulary).
+On an H100 at batch 32 x 1024 it takes 3.3 ms where the compiled PyTorch expression took
+4.7 ms; the floor (one read and one write of the logits) is 2.2 ms (docs/performance.md).
 
     >>> from dsk.models.ce_kernel import cross_entropy_rows, available
     >>> loss_rows, grad = cross_entropy_rows(logits, targets, inv_count, ignore_index=-100)
@@ -30,52 +29,66 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
-# (BLOCK, warps, programs per SM; 0 = one program per row). Few rows in flight keep each row in
-# L2 between its two sweeps (a row is 100 KB at GPT-2's vocabulary, L2 is 50 MB on an H100)
-CONFIGS = ((4096, 8, 0), (8192, 16, 0), (16384, 32, 0), (8192, 8, 2), (8192, 16, 1), (16384, 16, 1), (4096, 8, 4))
+# (BLOCK, warps, LANES, REVERSE), chosen per vocabulary size on the first call (triton.autotune).
+# LANES: sweep 1 keeps a running max and sum per lane (no block-wide reduction, so no barrier,
+# inside the loop); REVERSE: sweep 2 walks the row backwards, reading first the chunks read
+# last, the likeliest to be still in L2. Measured on an H100 in docs/performance.md.
+CONFIGS = ((4096, 8, 0, 0), (8192, 8, 0, 0), (4096, 8, 1, 1), (8192, 8, 1, 1), (8192, 16, 1, 1), (2048, 4, 1, 1))
 
 if triton is not None:
 
     @triton.jit
-    def _ce_rows(x_ptr, g_ptr, t_ptr, loss_ptr, scale_ptr, stride_x, stride_g, N, V, ignore_index,
-                 BLOCK: tl.constexpr, PER_SM: tl.constexpr):
-        for row in range(tl.program_id(0), N, tl.num_programs(0)):
-            row64 = tl.full((), 0, tl.int64) + row  # offsets past 2^31 elements
-            x_row = x_ptr + row64 * stride_x
-            g_row = g_ptr + row64 * stride_g
-            t = tl.load(t_ptr + row)
-            # sweep 1: running max and sum of exp(x - max), one scalar pair per chunk (every
-            # chunk has at least one real column, so the max is finite and no lane sees inf - inf)
-            m = tl.full((), float("-inf"), tl.float32)
-            s = tl.zeros((), tl.float32)
+    def _ce_rows(x_ptr, g_ptr, t_ptr, loss_ptr, scale_ptr, stride_x, stride_g, V, ignore_index,
+                 BLOCK: tl.constexpr, LANES: tl.constexpr, REVERSE: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_x
+        g_row = g_ptr + row * stride_g
+        t = tl.load(t_ptr + row)
+        # sweep 1: the row's max and sum of exp(x - max)
+        if LANES:
+            m = tl.full((BLOCK,), float("-inf"), tl.float32)
+            s = tl.zeros((BLOCK,), tl.float32)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(x, 0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                # one exp per element: of the two factors exp(m - new) and exp(x - new), one is 1;
+                # lanes that have seen only padding (-inf) keep s = 0
+                m_new = tl.maximum(m, x)
+                e = tl.exp(tl.where(m_new == float("-inf"), float("-inf"), -tl.abs(x - m)))
+                s = tl.where(x > m, s * e + 1.0, s + e)
                 m = m_new
-            lse = m + tl.log(s)
-            valid = t != ignore_index
-            x_t = tl.load(x_row + tl.where(valid, t, 0)).to(tl.float32)
-            tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
-            scale = tl.where(valid, tl.load(scale_ptr), 0.0)
-            # sweep 2: the gradient, reading the row again (from L2)
+            m_row = tl.max(m, 0)
+            lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), 0))
+        else:
+            # one scalar pair per chunk (every chunk has a real column, so the max is finite)
+            m_row = tl.full((), float("-inf"), tl.float32)
+            s_row = tl.zeros((), tl.float32)
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
-                mask = cols < V
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-                g = (tl.exp(x - lse) - tl.where(cols == t, 1.0, 0.0)) * scale
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+                x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m_row, tl.max(x, 0))
+                s_row = s_row * tl.exp(m_row - m_new) + tl.sum(tl.exp(x - m_new), 0)
+                m_row = m_new
+            lse = m_row + tl.log(s_row)
+        valid = t != ignore_index
+        x_t = tl.load(x_row + tl.where(valid, t, 0)).to(tl.float32)
+        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+        scale = tl.where(valid, tl.load(scale_ptr), 0.0)
+        # sweep 2: the gradient, reading the row again (from L2 where it is still there)
+        n_chunks = tl.cdiv(V, BLOCK)
+        for i in range(0, n_chunks):
+            start = ((n_chunks - 1 - i) if REVERSE else i) * BLOCK
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            g = (tl.exp(x - lse) - tl.where(cols == t, 1.0, 0.0)) * scale
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     _ce_rows_kernel = triton.autotune(
-        configs=[triton.Config({"BLOCK": b, "PER_SM": p}, num_warps=w) for b, w, p in CONFIGS], key=["V"],
+        configs=[triton.Config({"BLOCK": b, "LANES": lanes, "REVERSE": rev}, num_warps=w)
+                 for b, w, lanes, rev in CONFIGS],
+        key=["V"],
     )(_ce_rows)
-
-
-def grid_of(n_rows: int, per_sm: int, device: torch.device) -> int:
-    if per_sm == 0:
-        return n_rows
-    return max(1, min(n_rows, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
 
 
 @torch.library.custom_op("dsk::cross_entropy_rows", mutates_args=())
@@ -91,9 +104,8 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     grad = torch.empty_like(logits)
     if N:
-        _ce_rows_kernel[lambda meta: (grid_of(N, meta["PER_SM"], logits.device),)](
-            logits, grad, targets.contiguous(), loss, scale.float().contiguous(), logits.stride(0), grad.stride(0),
-            N, V, ignore_index)
+        _ce_rows_kernel[(N,)](logits, grad, targets.contiguous(), loss, scale.float().contiguous(),
+                              logits.stride(0), grad.stride(0), V, ignore_index)
     return loss, grad
 
 
