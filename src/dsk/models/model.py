@@ -449,10 +449,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     Why not ``F.cross_entropy(head(h))``: that reads the [N, vocab] logits twice from memory
     (the log-softmax in the forward, its gradient in the backward, ~6 ms a step at GPT-2's
-    vocabulary on an H100). Here one fused kernel reads each logit row once (log-sum-exp and
-    then, from cache, the gradient), the two gradient GEMMs follow at once, and no logits are
+    vocabulary on an H100). Here one kernel makes the loss and d loss/d logits of each row
+    (``dsk.models.ce_kernel`` on CUDA: 3.1 ms where the compiled expression below took 4.7; the
+    PyTorch expression elsewhere), the two gradient GEMMs follow at once, and no logits are
     kept for the backward, which only scales the stored gradients (docs/performance.md).
-    Rows are processed in chunks so the fp32 intermediates of an eager run stay bounded.
+    Rows are processed in chunks so the intermediates of an eager run stay bounded.
     """
 
     @staticmethod
