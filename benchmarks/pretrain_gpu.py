@@ -13,10 +13,14 @@ failure cannot take the others down):
 * per variant: tokens/s, MFU = (6 x active matmul params + attention) FLOPs per token x tokens/s
   over the measured matrix rate, peak memory, the forward / backward / optimizer split (CUDA
   events around each phase, plus a torch.profiler table of 3 steps), and for MoE the expert
-  load max/mean over the timed steps.
+  load max/mean over the timed steps;
+* ``micro``: the fused loss's cross-entropy kernel candidates (dsk.models.ce_kernel) against the
+  compiled PyTorch expression and a copy of the same bytes, and SDPA's attention backends, alone;
+* ``moe-text-b32``: the MoE routers' balance trained on tinyshakespeare's BPE tokens, 400 steps
+  per (bias step, seed), every step's loads kept (worst and median layer, summed and per step).
 
     $ python benchmarks/pretrain_gpu.py --budget-s 1500       # the default variants (~20 min on an H100)
-    $ python benchmarks/pretrain_gpu.py --only nanogpt-b32,dense-b32
+    $ python benchmarks/pretrain_gpu.py --only micro,nanogpt-b32,dense-b32-fused-bf16res,moe-text-b32
     $ python benchmarks/pretrain_gpu.py --quick               # tiny shapes, CPU smoke test
 
 Results: benchmarks/results/pretrain_gpu.{json,md} (or --out DIR); docs/performance.md

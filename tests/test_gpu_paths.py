@@ -197,7 +197,12 @@ def test_cross_entropy_kernel_in_triton_interpreter():
             "for c in configs[:3]:\n"
             "    K._ce_rows_kernel.configs = [c]\n"
             "    K._ce_rows_kernel.cache.clear()\n"
-            "    T._head_loss_kernel_vs_torch('cpu')\n")
+            "    T._head_loss_kernel_vs_torch('cpu')\n"
+            # a target outside the vocabulary reads nothing and poisons its row's loss
+            "import torch\n"
+            "loss, _ = K.cross_entropy_rows(torch.randn(3, 50).bfloat16(), torch.tensor([50, -100, -3]),\n"
+            "                               torch.tensor([1.0]), -100)\n"
+            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])

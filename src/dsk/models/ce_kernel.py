@@ -72,7 +72,9 @@ if triton is not None:
                 m_row = m_new
             lse = m_row + tl.log(s_row)
         valid = t != ignore_index
-        x_t = tl.load(x_row + tl.where(valid, t, 0)).to(tl.float32)
+        # a target outside [0, V) reads nothing and makes the loss NaN (loud, like PyTorch's index error)
+        known = (t >= 0) & (t < V)
+        x_t = tl.load(x_row + tl.where(valid & known, t, 0), mask=known | ~valid, other=float("nan")).to(tl.float32)
         tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
         scale = tl.where(valid, tl.load(scale_ptr), 0.0)
         # sweep 2: the gradient, reading the row again (from L2 where it is still there)
@@ -98,7 +100,8 @@ def cross_entropy_rows(logits: torch.Tensor, targets: torch.Tensor, scale: torch
     """(per-row loss [N] fp32, gradient [N, V] in the logits' dtype) of ``logits`` [N, V].
 
     ``scale`` is a one-element fp32 tensor (1 / scored rows) so the caller needs no host sync;
-    ignored rows get loss 0 and gradient 0. A custom op: torch.compile calls it as it is.
+    ignored rows get loss 0 and gradient 0; a target outside [0, V) gets a NaN loss. A custom op:
+    torch.compile calls it as it is.
     """
     N, V = logits.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
