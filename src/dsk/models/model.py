@@ -468,7 +468,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         inv_count = (1.0 / n_valid.float()).reshape(1)
         for start in range(0, h.shape[0], chunk_rows):
             hs, ts, valid = hc[start : start + chunk_rows], targets[start : start + chunk_rows], valid_all[start : start + chunk_rows]
-            if kernel:  # one kernel: loss rows and the logits' gradient, each row read once from memory
+            if kernel:  # loss rows and d loss/d logits in one Triton kernel, no fp32 copy of the logits
                 rows, g = ce_kernel.cross_entropy_rows(hs @ wc.t(), ts, inv_count, ignore_index)
                 loss = loss + rows.sum()
                 grad_h.append(g @ wc)
