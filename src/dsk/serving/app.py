@@ -401,6 +401,19 @@ def create_app(
                 delta["content"] = text
             return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
+        # a text delta's chunk is the same JSON each time but for the text: serialise it once per
+        # choice around a placeholder and splice the text in (byte-identical to json.dumps)
+        templates: dict[int, tuple[str, str]] = {}
+        marker = "\x00dsk-text\x00"
+        marker_json = json.dumps(marker)
+
+        def delta_chunk(index: int, text: str) -> str:
+            t = templates.get(index)
+            if t is None:
+                head, _, tail = chunk([choice(index, marker, None)]).partition(marker_json)
+                t = templates[index] = (head, tail)
+            return t[0] + json.dumps(text, ensure_ascii=False) + t[1]
+
         first = None
         outputs = [""] * n
         reasons: list[str | None] = [None] * n
@@ -409,20 +422,30 @@ def create_app(
                 yield chunk([choice(i, "", None, role=True) for i in range(n)])
             finished = False
             while not finished:
-                # everything already waiting goes out in one write: a stream that fell behind the
-                # engine catches up with fewer, larger sends instead of one send per token
+                # everything already waiting goes out in one write, and consecutive deltas of one
+                # choice in one chunk: a stream that fell behind the engine catches up with fewer,
+                # larger sends instead of one send (and one JSON chunk) per token
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
                 pending: list[str] = []
+                text_of, texts = -1, []
                 for ev in batch:
                     if ev.kind == "delta":
                         if first is None:
                             first = time.monotonic()
                             metrics.ttft.observe(first - started)
                         outputs[ev.choice] += ev.text
-                        pending.append(chunk([choice(ev.choice, ev.text, None)]))
-                    elif ev.kind == "finish":
+                        if texts and text_of != ev.choice:
+                            pending.append(delta_chunk(text_of, "".join(texts)))
+                            texts = []
+                        text_of = ev.choice
+                        texts.append(ev.text)
+                        continue
+                    if texts:
+                        pending.append(delta_chunk(text_of, "".join(texts)))
+                        texts = []
+                    if ev.kind == "finish":
                         reasons[ev.choice] = ev.finish_reason
                         if ev.finish_reason == "timeout":
                             err = ApiError(504, f"the request took longer than the server's "
@@ -444,10 +467,12 @@ def create_app(
                             pending.append(chunk([], ev.usage))
                         finished = True
                         break
+                if texts:
+                    pending.append(delta_chunk(text_of, "".join(texts)))
                 if finished:
                     pending.append("data: [DONE]\n\n")
                 if pending:
-                    yield "".join(pending)
+                    yield "".join(pending).encode()
             metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         finally:
             # also reached when the client disconnects mid-stream: free the slot at once
