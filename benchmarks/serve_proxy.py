@@ -38,6 +38,7 @@ VARIANTS = {
     "sync": ["--no-overlap"],
     "overlap-h11": ["--http", "h11", "--loop", "asyncio"],
     "overlap-si": ["--switch-interval", "0.0005"],
+    "overlap-prof": ["--profile", "/tmp/serve_proxy_profile.txt"],
 }
 
 
@@ -134,9 +135,47 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(engine, codec, ServerConfig(model_name="proxy", request_timeout_s=3600))
     import uvicorn
 
+    if args.profile:
+        _start_sampler(f"{args.profile}.{args.max_batch_size}")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             http=args.http, loop=args.loop)
     uvicorn.Server(config).run(sockets=[bind_socket("127.0.0.1", args.port)])
+
+
+def _start_sampler(path: str, every_s: float = 0.0005) -> None:
+    """A poor man's py-spy: every ``every_s``, count each thread's innermost frames (as
+    "thread: function (file:line)") and, every few seconds, write the top counts to ``path``."""
+    import collections
+    import threading
+
+    counts: collections.Counter = collections.Counter()
+
+    def run() -> None:
+        me = threading.get_ident()
+        last = time.monotonic()
+        while True:
+            time.sleep(every_s)
+            names = {t.ident: t.name for t in threading.enumerate()}
+            for ident, frame in sys._current_frames().items():
+                if ident == me:
+                    continue
+                stack = []
+                f = frame
+                while f is not None and len(stack) < 4:
+                    stack.append(f"{f.f_code.co_name}({Path(f.f_code.co_filename).name}:{f.f_lineno})")
+                    f = f.f_back
+                counts[names.get(ident, "?") + ": " + " < ".join(stack)] += 1
+            if time.monotonic() - last > 3:
+                last = time.monotonic()
+                total = sum(counts.values())
+                Path(path).write_text("\n".join(f"{c / total:6.1%}  {k}" for k, c in counts.most_common(60)))
+
+    threading.Thread(target=run, daemon=True, name="sampler").start()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ProxyServer:
@@ -180,6 +219,7 @@ def main() -> int:
     sv.add_argument("--http", default="auto")
     sv.add_argument("--loop", default="auto")
     sv.add_argument("--switch-interval", type=float, default=0.0)
+    sv.add_argument("--profile", default=None, help="sample every thread's Python stack into this file")
     for p in (ap, sv):
         p.add_argument("--step-ms", type=float, default=0.95, help="a batch-1 decode step (H100 small: ~0.95)")
         p.add_argument("--row-ms", type=float, default=0.022, help="extra per row of the step's bucket "
@@ -215,12 +255,16 @@ def main() -> int:
             for n in clients:
                 for s in servers:
                     wait_idle(s.url)
+                    cpu = _cpu_seconds(s.proc.pid)
                     r = run_phase(s.url, "proxy", n, args.duration, args.max_tokens, args.client_procs)
-                    r.update(variant=s.name, max_batch_size=s.max_batch_size, round=rnd)
+                    cpu = _cpu_seconds(s.proc.pid) - cpu
+                    r.update(variant=s.name, max_batch_size=s.max_batch_size, round=rnd,
+                             server_cpu_us_per_token=round(cpu / max(r["tokens_per_s"] * r["seconds"], 1) * 1e6, 1))
                     rows.append(r)
                     print(f"{s.name:<12} batch≤{s.max_batch_size:<3} clients={n:<3} {r['tokens_per_s']:>8.1f} tok/s "
                           f"step {r['step_ms']}ms fwd {r['forward_ms']}ms {r['tokens_per_step']} tok/step "
-                          f"errors {r['errors']} client cpu {r['client_cpu_max']:.0%}", flush=True)
+                          f"errors {r['errors']} client cpu {r['client_cpu_max']:.0%} "
+                          f"server {r['server_cpu_us_per_token']} CPU-us/token", flush=True)
     finally:
         for s in servers:
             s.stop()
