@@ -160,6 +160,9 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     job_ttl_s: float = 600.0
     max_jobs: int = 1000
+    # a stream sends at most one chunk per this many seconds: tokens generated meanwhile go in
+    # one chunk (the first token and the end go at once); 0 sends a chunk per token
+    stream_interval_s: float = 0.005
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -415,6 +418,7 @@ def create_app(
             return t[0] + json.dumps(text, ensure_ascii=False) + t[1]
 
         first = None
+        last_send = 0.0
         outputs = [""] * n
         reasons: list[str | None] = [None] * n
         try:
@@ -426,6 +430,13 @@ def create_app(
                 # choice in one chunk: a stream that fell behind the engine catches up with fewer,
                 # larger sends instead of one send (and one JSON chunk) per token
                 batch = [await events.get()]
+                if first is not None and config.stream_interval_s > 0:
+                    # let this stream's next tokens gather: one chunk (JSON, send, client parse) for
+                    # several tokens instead of one each, so the event loop's work stops growing
+                    # with the token rate and leaves the GIL to the engine thread
+                    wait = last_send + config.stream_interval_s - time.monotonic()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 while not events.empty():
                     batch.append(events.get_nowait())
                 pending: list[str] = []
@@ -473,6 +484,7 @@ def create_app(
                     pending.append("data: [DONE]\n\n")
                 if pending:
                     yield "".join(pending).encode()
+                    last_send = time.monotonic()
             metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         finally:
             # also reached when the client disconnects mid-stream: free the slot at once
