@@ -291,7 +291,7 @@ def create_app(
             raise ApiError(400, str(exc), param=name, code="context_length_exceeded" if "context" in str(exc) else None) from None
 
     def async_queue() -> tuple[asyncio.Queue[Event], Callable[[Event], None]]:
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events = EventQueue()
         return events, bridge(events.put_nowait)
 
     bridges: dict[int, LoopBridge] = {}
@@ -436,7 +436,7 @@ def create_app(
                     # with the token rate and leaves the GIL to the engine thread
                     wait = last_send + config.stream_interval_s - time.monotonic()
                     if wait > 0:
-                        await asyncio.sleep(wait)
+                        await events.nap(wait)  # cut short by the end of the request
                 while not events.empty():
                     batch.append(events.get_nowait())
                 pending: list[str] = []
@@ -636,6 +636,31 @@ def create_app(
     app.add_middleware(AuditMiddleware, audit=audit, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     return app
+
+
+class EventQueue(asyncio.Queue):
+    """A request's events on the event loop; :meth:`nap` waits a while for more of them, but no
+    longer than until an event that ends a choice or the request arrives (so that a gathering
+    stream never delays the end of a request, and with it the client's next one)."""
+
+    _waker: "asyncio.Future[None] | None" = None
+
+    def put_nowait(self, item: Event) -> None:
+        super().put_nowait(item)
+        if item.kind != "delta" and self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
+
+    async def nap(self, seconds: float) -> None:
+        if any(ev.kind != "delta" for ev in self._queue):  # type: ignore[attr-defined]
+            return
+        loop = asyncio.get_running_loop()
+        self._waker = waker = loop.create_future()
+        timer = loop.call_later(seconds, lambda: waker.done() or waker.set_result(None))
+        try:
+            await waker
+        finally:
+            timer.cancel()
+            self._waker = None
 
 
 class LoopBridge:
