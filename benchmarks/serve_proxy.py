@@ -36,8 +36,7 @@ SAMPLE = HERE.parent / "data" / "sample" / "tinyshakespeare.txt"
 VARIANTS = {
     "overlap": [],
     "sync": ["--no-overlap"],
-    "per-token": ["--stream-interval-ms", "0"],
-    "sync-per-token": ["--no-overlap", "--stream-interval-ms", "0"],
+    "stream-5ms": ["--stream-interval-ms", "5"],
     "overlap-h11": ["--http", "h11", "--loop", "asyncio"],
     "overlap-si": ["--switch-interval", "0.0005"],
     "overlap-prof": ["--profile", "/tmp/serve_proxy_profile.txt"],
@@ -222,7 +221,7 @@ def main() -> int:
     sv.add_argument("--http", default="auto")
     sv.add_argument("--loop", default="auto")
     sv.add_argument("--switch-interval", type=float, default=0.0)
-    sv.add_argument("--stream-interval-ms", type=float, default=5.0)
+    sv.add_argument("--stream-interval-ms", type=float, default=0.0)
     sv.add_argument("--profile", default=None, help="sample every thread's Python stack into this file")
     for p in (ap, sv):
         p.add_argument("--step-ms", type=float, default=0.95, help="a batch-1 decode step (H100 small: ~0.95)")
@@ -231,7 +230,7 @@ def main() -> int:
         p.add_argument("--prefill-ms", type=float, default=1.0)
         p.add_argument("--launch-us", type=float, default=40.0, help="host time of one launch (GIL held)")
         p.add_argument("--vocab-size", type=int, default=1024)
-    ap.add_argument("--variants", default="overlap,per-token,sync-per-token", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="overlap,sync", help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--clients", default="1,16")
     ap.add_argument("--duration", type=float, default=6.0)
     ap.add_argument("--max-tokens", type=int, default=64)

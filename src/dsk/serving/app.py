@@ -161,8 +161,9 @@ class ServerConfig:
     job_ttl_s: float = 600.0
     max_jobs: int = 1000
     # a stream sends at most one chunk per this many seconds: tokens generated meanwhile go in
-    # one chunk (the first token and the end go at once); 0 sends a chunk per token
-    stream_interval_s: float = 0.005
+    # one chunk (the first token and the end go at once); 0 sends a chunk per token. Off by
+    # default: 5 ms halved the load generator's CPU on an H100 but did not raise throughput
+    stream_interval_s: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
 
 
