@@ -11,6 +11,10 @@ One background thread runs the loop. At every decode step it
    always occupies rows ``0..n-1`` of the cache (a contiguous view the model can take).
 
 So a short request admitted next to a long one finishes and leaves without waiting for it.
+With a backend that can launch ahead (``overlap``: the CUDA-graph runner, whose rows keep their
+next input token on the device), step 3 only launches step k and then handles step k-1's tokens
+while the device computes, so the per-token host work (text, stop strings, events) hides behind
+the device instead of adding to every step.
 The model side is a backend: :class:`TorchBackend` (a dsk Transformer over one preallocated
 per-row KV cache: batched prefill and decode) or :class:`OnnxBackend` (an exported ONNX graph in
 onnxruntime, one sequence per call). Results go back through a callback per request (called on the engine thread; it must not

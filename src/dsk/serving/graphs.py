@@ -17,8 +17,11 @@ that it has fixed shapes and never reads a device value on the host:
 On CUDA each decode batch size bucket (1, 2, 4, ... up to ``max_batch_size``) is captured once
 as a CUDA graph at start, and each prefill shape (rows bucket × prompt-width bucket) the first
 time it is needed; a step is then a few small copies, one graph replay and one read of the new
-tokens (the step's only host sync). On the CPU the same functions run eagerly (the tests check
-them against the model's own forward there).
+tokens (the step's only host sync). Each row's last sampled token stays on the device as the next
+step's input (``next_tok``), so :meth:`StaticRunner.launch_decode` can launch a step before the
+host has read the previous one's tokens, which come back later through a pinned copy and an
+event. On the CPU the same functions run eagerly (the tests check them against the model's own
+forward there).
 
     >>> runner = StaticRunner(model, cache, sampling, max_batch_size=16)   # cache has 17 rows
     >>> runner.prefill(0, [[5, 6, 7]])     # -> [next token]
