@@ -88,14 +88,14 @@ def free_port() -> int:
 
 
 def start_server(home: Path, model_id: str, *, max_batch_size: int, device: str, port: int,
-                 threads: int) -> subprocess.Popen:
+                 threads: int, extra: list[str] = ()) -> subprocess.Popen:
     path = os.pathsep.join(p for p in (str(REPO / "src"), os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "DSK_HOME": str(home), "PYTHONPATH": path}
     env.pop("DSK_API_KEYS", None)
     cmd = [sys.executable, "-m", "dsk", "serve", model_id, "--port", str(port), "--device", device,
            "--max-batch-size", str(max_batch_size), "--max-queue", "10000", "--request-timeout-s", "3600",
            "--threads", str(threads),
-           "--quiet"]
+           "--quiet", *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -279,13 +279,14 @@ def wait_idle(url: str, timeout_s: float = 120) -> None:
 class Server:
     """One `dsk serve` process on a free port."""
 
-    def __init__(self, home: Path, model_id: str, *, max_batch_size: int, device: str, threads: int):
+    def __init__(self, home: Path, model_id: str, *, max_batch_size: int, device: str, threads: int,
+                 extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.max_batch_size = max_batch_size
         self.model_id = model_id
         self.proc = start_server(home, model_id, max_batch_size=max_batch_size, device=device, port=self.port,
-                                 threads=threads)
+                                 threads=threads, extra=extra)
 
     def warm_up(self) -> None:
         import httpx
@@ -361,6 +362,15 @@ def engine_only(model_dir: Path, *, batch_sizes: list[int], device: str, threads
     return rows
 
 
+def http_stack() -> str:
+    """What uvicorn picks with its defaults (http="auto", loop="auto") in this environment."""
+    import importlib.util
+
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{http} + {loop}"
+
+
 def fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}s"
 
@@ -379,8 +389,9 @@ def write_report(result: dict) -> None:
         "",
         f"preset `{result['preset']}` ({result['params'] / 1e6:.1f}M params, vocab {result['vocab_size']}, "
         f"context {result['context']}), device `{result['device']}`, chat requests of {result['max_tokens']} "
-        f"tokens, {result['duration_s']:g} s per phase, server torch threads {result['threads'] or 'default'}. "
-        f"{result['machine']}",
+        f"tokens, {result['duration_s']:g} s per phase, server torch threads {result['threads'] or 'default'}"
+        f"{', server options ' + repr(result['server_args']) if result.get('server_args') else ''}, "
+        f"HTTP {result.get('http_stack', '?')}. {result['machine']}",
         "",
         "| clients | tok/s batched | tok/s batch 1 | speed-up | TTFT p50 / p95 batched | TTFT p50 / p95 batch 1 "
         "| latency p50 / p95 batched | latency p50 / p95 batch 1 | done (b / 1) | errors (b / 1) "
@@ -399,7 +410,8 @@ def write_report(result: dict) -> None:
             f"| {b['rss_start_mb']:.0f}→{b['rss_end_mb']:.0f} / {s.get('rss_start_mb', 0):.0f}→{s.get('rss_end_mb', 0):.0f} |"
         )
     lines += ["", "Where a batched step's time goes (server side): "
-              + ", ".join(f"{p['clients']} clients {p['step_ms']:.0f} ms/step ({p['forward_ms']:.0f} ms forward, "
+              + ", ".join(f"{p['clients']} clients {p['step_ms']:.2f} ms/step ({p['forward_ms']:.2f} ms forward or "
+                          f"waiting for the device, {p['tokens_per_step']:.1f} tokens/step, "
                           f"engine busy {p['engine_busy']:.0%})" for p in result["batched"])]
     if any("client_cpu_max" in p for p in result["batched"]):
         lines += ["", "Load generator (batched phases): "
@@ -441,6 +453,7 @@ def main() -> int:
     ap.add_argument("--out-name", default="serve_load", help="results file name (benchmarks/results/NAME.{json,md})")
     ap.add_argument("--quick", action="store_true", help="4 s phases, 1/4/16 clients")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--server-args", default="", help="extra `dsk serve` options for both servers, e.g. '--no-overlap'")
     ap.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine measurement")
     args = ap.parse_args()
     if args.quick:
@@ -460,10 +473,12 @@ def main() -> int:
               f"device {args.device}", flush=True)
         # both servers stay up (an idle one costs no CPU) and their phases alternate, so that
         # each pair of numbers compared was measured at nearly the same time on a shared machine
+        extra = args.server_args.split()
         servers = [Server(home, model_id, max_batch_size=args.max_batch_size, device=args.device,
-                          threads=args.threads)]
+                          threads=args.threads, extra=extra)]
         if not args.skip_baseline:
-            servers.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads))
+            servers.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads,
+                                  extra=extra))
         batched, baseline = [], []
         try:
             for server in servers:
@@ -491,7 +506,7 @@ def main() -> int:
             "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
             "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
             "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
-            "threads": args.threads, "out_name": args.out_name,
+            "threads": args.threads, "out_name": args.out_name, "http_stack": http_stack(), "server_args": args.server_args,
             "out_dir": args.out_dir,
             "batched": batched, "baseline": baseline, "engine_only": engine_rows, "engine_only_eager": eager_rows, "wall_s": round(time.monotonic() - started, 1),
         }

@@ -241,3 +241,132 @@ def test_static_steps_match_the_models_forward(preset, options):
         with torch.no_grad():
             assert torch.allclose(static.runner._ffn(i, fast.layers[i].ffn, x), reference.layers[i].ffn(x)[0],
                                   atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- engine text (scripted backend)
+
+
+class ScriptedBackend:
+    """An engine backend that answers row r's k-th token from ``script[r]``; with ``overlaps``
+    it hands tokens back through a handle, like the CUDA-graph runner's launched steps."""
+
+    engine_backend = True
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, overlaps: bool):
+        self.scripts, self.vocab_size, self.max_len = scripts, vocab_size, 4096
+        self.device, self.overlaps = torch.device("cpu"), overlaps
+        self.row_script: dict[int, list[int]] = {}
+        self.row_step: dict[int, int] = {}
+        self.admitted = 0
+        self.launches: list[int] = []
+
+    class _Done:
+        def __init__(self, tokens):
+            self.tokens = tokens
+
+        def result(self):
+            return self.tokens
+
+    def set_row(self, row, sampler):
+        self.row_script[row] = self.scripts[self.admitted]
+        self.row_step[row] = 0
+        self.admitted += 1
+
+    def move_row(self, src, dst, length):
+        self.row_script[dst], self.row_step[dst] = self.row_script.pop(src), self.row_step.pop(src)
+
+    def _next(self, rows):
+        out = []
+        for r in rows:
+            script, k = self.row_script[r], self.row_step[r]
+            out.append(script[k] if k < len(script) else script[-1])
+            self.row_step[r] = k + 1
+        self.launches.append(len(rows))
+        return out
+
+    def launch_prefill(self, first_row, prompts):
+        return self._Done(self._next(range(first_row, first_row + len(prompts))))
+
+    def launch_decode(self, positions):
+        return self._Done(self._next(range(len(positions))))
+
+    def prefill(self, first_row, prompts):
+        return self.launch_prefill(first_row, prompts).result()
+
+    def decode(self, tokens, positions):
+        return self.launch_decode(positions).result()
+
+
+@pytest.fixture(scope="module")
+def byte_codec():
+    from dsk.data.tokenizer import Tokenizer, train_bpe
+    from dsk.serving.text import TextCodec
+
+    text = ["héllo wörld — naïve café ", "日本語のテキスト", "plain ascii text here"] * 20
+    return TextCodec(Tokenizer(train_bpe(text, vocab_size=300)))
+
+
+def _run_scripted(codec, scripts, params, overlaps, max_batch_size=4):
+    import queue
+
+    from dsk.serving.engine import Engine, iter_queue
+
+    backend = ScriptedBackend(scripts, codec.vocab_size, overlaps)
+    engine = Engine(backend, codec, max_batch_size=max_batch_size).start()
+    try:
+        queues = [queue.Queue() for _ in scripts]
+        for q, p in zip(queues, params):
+            engine.submit([1, 2, 3], p, q.put)
+        streams = []
+        for q in queues:
+            deltas, reason = [], None
+            for ev in iter_queue(q):
+                if ev.kind == "delta":
+                    deltas.append(ev.text)
+                elif ev.kind == "finish":
+                    reason = ev.finish_reason
+            streams.append((deltas, reason))
+        return streams, backend
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("overlaps", [False, True], ids=["one-step-at-a-time", "overlapped"])
+def test_streamed_text_is_the_whole_decode_even_with_split_utf8(byte_codec, overlaps):
+    """Incremental detokenisation: the deltas add up to decoding the whole sequence at once, no
+    delta ends inside a character, and byte tokens that are not valid UTF-8 on their own work."""
+    import random
+
+    codec = byte_codec
+    rng = random.Random(0)
+    normal = [i for i in range(codec.vocab_size) if i not in codec.stop_ids]
+    scripts = [codec.encode("héllo wörld — 日本語 naïve") * 2,
+               [rng.choice(normal) for _ in range(60)],  # random ids: split and invalid UTF-8
+               [rng.choice(normal) for _ in range(33)]]
+    params = [SamplingParams(max_tokens=len(s), ignore_eos=True) for s in scripts]
+    streams, _ = _run_scripted(codec, scripts, params, overlaps)
+    for (deltas, reason), script in zip(streams, scripts):
+        assert "".join(deltas) == codec.decode(script)
+        assert reason == "length"
+        assert all(d and not d.endswith("\ufffd") for d in deltas[:-1])
+    assert any(len(d) > 0 for d in streams[0][0])
+
+
+def test_overlapped_steps_stream_the_same_and_stop_the_same(byte_codec):
+    """Overlapped steps (tokens read one step late) give exactly the one-step-at-a-time streams,
+    stop strings included, and a length-limited sequence costs no extra step."""
+    codec = byte_codec
+    text_ids = codec.encode("plain ascii text here and more plain text")
+    scripts = [text_ids, text_ids, text_ids[:5] + [next(iter(codec.stop_ids))] + text_ids]
+    params = [SamplingParams(max_tokens=len(text_ids), ignore_eos=True),
+              SamplingParams(max_tokens=len(text_ids), stop=("text h",)),
+              SamplingParams(max_tokens=len(text_ids))]
+    sync, b_sync = _run_scripted(codec, scripts, params, overlaps=False)
+    over, b_over = _run_scripted(codec, scripts, params, overlaps=True)
+    assert over == sync
+    assert "".join(sync[1][0]) == "plain ascii " and sync[1][1] == "stop"
+    assert sync[2][1] == "stop" and "".join(sync[2][0]) == codec.decode(text_ids[:5])
+    # one request alone, length-limited: as many launches either way (no step after the last token)
+    one, b1 = _run_scripted(codec, scripts[:1], params[:1], overlaps=True)
+    _, b0 = _run_scripted(codec, scripts[:1], params[:1], overlaps=False)
+    assert len(b1.launches) == len(b0.launches) == len(text_ids)

@@ -38,12 +38,13 @@ def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
     content_filter = ContentFilter.load(params.blocklist) if params.blocklist else None
     engine, codec = load_engine(art.path, backend=params.backend, device=params.device,
                                 max_batch_size=params.max_batch_size, max_queue=params.max_queue,
-                                content_filter=content_filter)
+                                content_filter=content_filter, overlap=params.overlap)
     config = ServerConfig(
         model_name=params.model_name or art.id,
         aliases=tuple(dict.fromkeys([art.id, "dsk"])),
         api_keys=tuple(api_keys),
         request_timeout_s=params.request_timeout_s,
+        stream_interval_s=params.stream_interval_ms / 1000,
         max_body_bytes=params.max_body_bytes,
         job_ttl_s=params.job_ttl_s,
     )

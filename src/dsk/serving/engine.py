@@ -11,6 +11,10 @@ One background thread runs the loop. At every decode step it
    always occupies rows ``0..n-1`` of the cache (a contiguous view the model can take).
 
 So a short request admitted next to a long one finishes and leaves without waiting for it.
+With a backend that can launch ahead (``overlap``: the CUDA-graph runner, whose rows keep their
+next input token on the device), step 3 only launches step k and then handles step k-1's tokens
+while the device computes, so the per-token host work (text, stop strings, events) hides behind
+the device instead of adding to every step.
 The model side is a backend: :class:`TorchBackend` (a dsk Transformer over one preallocated
 per-row KV cache: batched prefill and decode) or :class:`OnnxBackend` (an exported ONNX graph in
 onnxruntime, one sequence per call). Results go back through a callback per request (called on the engine thread; it must not
@@ -96,6 +100,12 @@ class Choice:
     text: str = ""  # decoded output so far (after stop/filter truncation once finished)
     emitted: int = 0  # characters of text already sent
     finish_reason: str | None = None
+    # incremental detokenisation: out_ids[:read] are in ``text``; out_ids[prefix:read] is the
+    # window decoded again as context (so the new text is a difference of two short decodes)
+    prefix: int = 0
+    read: int = 0
+    launched: int = 0  # tokens asked of the backend so far (overlapped steps run ahead of n_generated)
+    retired: bool = False  # its last token is launched: out of the running batch, result still in flight
 
 
 @dataclass
@@ -147,11 +157,17 @@ class Engine:
         prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         device: str | torch.device | None = None,
         static: bool | None = None,
+        overlap: bool | None = None,
     ):
         if max_batch_size < 1:
             raise DskError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.backend = (model if isinstance(model, OnnxBackend)
+        self.backend = (model if isinstance(model, OnnxBackend) or getattr(model, "engine_backend", False)
                         else TorchBackend(model, max_batch_size, device, static=static))
+        # overlapped steps (backends that can launch a step before the last one's tokens are
+        # read): the host handles step k-1's tokens while the device runs step k
+        can_overlap = bool(getattr(self.backend, "overlaps", False))
+        self.overlap = can_overlap if overlap is None else (overlap and can_overlap)
+        self._inflight: deque[tuple[list[Choice], Any]] = deque()
         self.codec = codec
         self.max_len = self.backend.max_len
         self.vocab_size = self.backend.vocab_size
@@ -271,7 +287,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._waiting and not self._running:
+                while not self._stop and not self._waiting and not self._running and not self._inflight:
                     self._cv.wait()
                 if self._stop:
                     break
@@ -289,6 +305,8 @@ class Engine:
         self._admit()
         if self._running:
             self._decode()
+        elif self._inflight:
+            self._collect(keep=0)
         self.steps += 1
         self.busy_seconds += time.perf_counter() - started
 
@@ -347,6 +365,12 @@ class Engine:
         self._running.extend(new)  # before the forward pass: if it fails, _fail_all answers them too
         for row, c in enumerate(new, start=first_row):
             self.backend.set_row(row, c.sampler)
+        if self.overlap:
+            started = time.perf_counter()
+            pending = self.backend.launch_prefill(first_row, [c.request.prompt_ids for c in new])
+            self.forward_seconds += time.perf_counter() - started
+            self._launched(new, pending)
+            return
         tokens = self._prefill(first_row, [c.request.prompt_ids for c in new])
         for c, tok in zip(new, tokens):
             self._append(c, tok)
@@ -360,12 +384,44 @@ class Engine:
 
     def _decode(self) -> None:
         running = self._running
+        if self.overlap:
+            started = time.perf_counter()
+            # each row's input token is already on the device (the last step's or the prefill's)
+            pending = self.backend.launch_decode([c.pos for c in running])
+            self.forward_seconds += time.perf_counter() - started
+            for c in running:
+                c.pos += 1
+            self._launched(list(running), pending)
+            self._collect(keep=1)  # the previous step's tokens, while this one runs
+            return
         started = time.perf_counter()
         tokens = self.backend.decode([c.out_ids[-1] for c in running], [c.pos for c in running])
         self.forward_seconds += time.perf_counter() - started
         for c, tok in zip(running, tokens):
             c.pos += 1
             self._append(c, tok)
+        self._remove_finished()
+
+    def _launched(self, choices: list[Choice], pending: Any) -> None:
+        """Book a launched step; a choice whose last token it is leaves the running batch now
+        (its result is still in flight), so a finished sequence costs no extra step."""
+        self._inflight.append((choices, pending))
+        for c in choices:
+            c.launched += 1
+            if c.launched >= c.sampler.params.max_tokens:
+                c.retired = True
+        self._remove_finished()
+
+    def _collect(self, keep: int) -> None:
+        """Read and handle the tokens of every launched step but the newest ``keep``, in order."""
+        while len(self._inflight) > keep:
+            choices, pending = self._inflight[0]
+            started = time.perf_counter()
+            tokens = pending.result()
+            self.forward_seconds += time.perf_counter() - started
+            self._inflight.popleft()
+            for c, tok in zip(choices, tokens):
+                self._append(c, tok)  # a choice that already finished (stop, cancel) ignores it
         self._remove_finished()
 
     def _move_row(self, src: int, dst: int, length: int) -> None:
@@ -375,7 +431,8 @@ class Engine:
         """Compact: move the last running row into each finished row's slot."""
         i = 0
         while i < len(self._running):
-            if self._running[i].finish_reason is None:
+            c = self._running[i]
+            if c.finish_reason is None and not c.retired:
                 i += 1
                 continue
             last = len(self._running) - 1
@@ -401,10 +458,14 @@ class Engine:
             c.out_ids.append(token)
             if c.n_generated >= p.max_tokens:
                 finish = "length"
-        text = self.codec.decode(c.out_ids)
+        old = len(c.text)
+        text = c.text + self._new_text(c, final=finish is not None)
+        if len(text) == old and finish is None:
+            return  # no new text (a partial character, or a special token): nothing to check
         cut = None
         for s in p.stop:
-            at = text.find(s)
+            # text[:old] held no stop string, so a match must end in the new part
+            at = text.find(s, max(old - len(s) + 1, 0))
             if at != -1 and (cut is None or at < cut):
                 cut, finish = at, "stop"
         if self.content_filter is not None:
@@ -415,18 +476,32 @@ class Engine:
             text = text[:cut]
         c.text = text
         if finish is None:
-            # send only what can no longer become a stop string or a blocked word, and not a
-            # trailing partial UTF-8 character
+            # send only what can no longer become a stop string or a blocked word
             safe = len(text) - max([_partial_suffix(text, s) for s in p.stop] + [0])
             if self.content_filter is not None:
                 safe = min(safe, self.content_filter.safe_length(text))
-            while safe > c.emitted and text[safe - 1] == "\ufffd":
-                safe -= 1
             if safe > c.emitted:
                 self._emit(req, Event("delta", c.index, text[c.emitted:safe]))
                 c.emitted = safe
         else:
             self._finish(c, finish)
+
+    def _new_text(self, c: Choice, *, final: bool) -> str:
+        """The text that c.out_ids[c.read:] adds to ``codec.decode(c.out_ids)``.
+
+        Decodes only a short window (the last complete piece as context, then the new ids), not
+        the whole sequence each token; the sum of the pieces is exactly the whole decode. Ids
+        ending in a partial UTF-8 character (a trailing U+FFFD) wait for the next token, unless
+        the sequence ends here.
+        """
+        if c.read == len(c.out_ids):
+            return ""
+        before = self.codec.decode(c.out_ids[c.prefix:c.read]) if c.prefix < c.read else ""
+        window = self.codec.decode(c.out_ids[c.prefix:])
+        if not final and (window.endswith("\ufffd") or len(window) <= len(before)):
+            return ""
+        c.prefix, c.read = c.read, len(c.out_ids)
+        return window[len(before):]
 
     def _finish(self, c: Choice, reason: str) -> None:
         req = c.request
@@ -460,8 +535,10 @@ class Engine:
     def _fail_all(self, message: str, code: int = 500) -> None:
         with self._cv:
             waiting, self._waiting = list(self._waiting), deque()
-        requests = {id(c.request): c.request for c in self._running}
+        inflight = [c for choices, _ in self._inflight for c in choices]
+        requests = {id(c.request): c.request for c in [*self._running, *inflight]}
         self._running = []
+        self._inflight.clear()
         for req in [*requests.values(), *waiting]:
             self._emit(req, Event("error", text=message, code=code))
 
@@ -506,6 +583,18 @@ class TorchBackend:
             static = self.device.type == "cuda"
         if static and supports_static(model):
             self.runner = StaticRunner(model, self.cache, self.sampling, max_batch_size=max_batch_size)
+
+    @property
+    def overlaps(self) -> bool:
+        """Steps can be launched ahead of reading their tokens (the fixed-shape runner keeps each
+        row's next input on the device)."""
+        return self.runner is not None
+
+    def launch_prefill(self, first_row: int, prompts: list[list[int]]) -> Any:
+        return self.runner.launch_prefill(first_row, prompts)
+
+    def launch_decode(self, positions: list[int]) -> Any:
+        return self.runner.launch_decode(positions)
 
     def rows(self, start: int, stop: int) -> Any:
         """A view of cache rows start..stop-1 that the model reads and writes in place."""
@@ -556,6 +645,8 @@ class TorchBackend:
             for t in layer.values():
                 t[dst, :length] = t[src, :length]
         self.sampling.move_row(src, dst)
+        if self.runner is not None:
+            self.runner.move_row(src, dst)
 
 
 class OnnxBackend:

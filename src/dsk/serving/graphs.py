@@ -17,8 +17,11 @@ that it has fixed shapes and never reads a device value on the host:
 On CUDA each decode batch size bucket (1, 2, 4, ... up to ``max_batch_size``) is captured once
 as a CUDA graph at start, and each prefill shape (rows bucket × prompt-width bucket) the first
 time it is needed; a step is then a few small copies, one graph replay and one read of the new
-tokens (the step's only host sync). On the CPU the same functions run eagerly (the tests check
-them against the model's own forward there).
+tokens (the step's only host sync). Each row's last sampled token stays on the device as the next
+step's input (``next_tok``), so :meth:`StaticRunner.launch_decode` can launch a step before the
+host has read the previous one's tokens, which come back later through a pinned copy and an
+event. On the CPU the same functions run eagerly (the tests check them against the model's own
+forward there).
 
     >>> runner = StaticRunner(model, cache, sampling, max_batch_size=16)   # cache has 17 rows
     >>> runner.prefill(0, [[5, 6, 7]])     # -> [next token]
@@ -102,6 +105,10 @@ class StaticRunner:
         self.io_dev = torch.zeros(2, max_batch_size, dtype=torch.long, device=dev)
         self.tok_in, self.pos_in = self.io_dev[0], self.io_dev[1]
         self.tok_out = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
+        # each row's last sampled token: the next decode step's input, so that a step can be
+        # launched before the host has read the previous one's tokens (moved with its row)
+        self.next_tok = torch.zeros(max_batch_size + 1, dtype=torch.long, device=dev)
+        self.pinned = self.device.type == "cuda"
         # MoE experts as two wide matrices: [w1; w3] of every expert stacked, and w2 side by side
         self.moe: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, block in enumerate(model.layers):
@@ -134,19 +141,59 @@ class StaticRunner:
     def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
         """One token for each of rows 0..n-1 (at its own position); the sampled next tokens."""
         n = len(tokens)
-        b = bucket_for(n, self.decode_sizes)
         self.io_np[0, :n] = tokens
-        self.io_np[1, :n] = positions
-        self.io_dev[:, :n].copy_(self.io_host[:, :n], non_blocking=True)
+        self.next_tok[:n].copy_(self.io_host[0, :n], non_blocking=True)
+        return self._decode_launch(positions).tolist()
+
+    @torch.inference_mode()
+    def launch_decode(self, positions: list[int]) -> "PendingTokens":
+        """Launch one decode step of rows 0..n-1 on each row's last sampled token (already on the
+        device); the new tokens come later from the returned handle."""
+        return self._pending(self._decode_launch(positions))
+
+    def _decode_launch(self, positions: list[int]) -> torch.Tensor:
+        n = len(positions)
+        b = bucket_for(n, self.decode_sizes)
+        # a fresh pinned buffer per step (the caching host allocator keeps it until the copy has
+        # run), so writing the next step's inputs never races an earlier step's copy
+        pos = torch.tensor(positions, dtype=torch.long)
+        self.pos_in[:n].copy_(pos.pin_memory() if self.pinned else pos, non_blocking=True)
         if self.graphs:
             self._decode_graphs[b].replay()
         else:
             self._decode_body(b)
-        return self.tok_out[:n].tolist()
+        return self.tok_out[:n]
 
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
         """Right-padded prompts into rows first_row..; the first sampled token of each."""
+        return self._prefill_launch(first_row, prompts).tolist()
+
+    @torch.inference_mode()
+    def launch_prefill(self, first_row: int, prompts: list[list[int]]) -> "PendingTokens":
+        return self._pending(self._prefill_launch(first_row, prompts))
+
+    def move_row(self, src: int, dst: int) -> None:
+        self.next_tok[dst] = self.next_tok[src]
+
+    def _pending(self, tokens: torch.Tensor) -> "PendingTokens":
+        if not self.pinned:
+            return PendingTokens(tokens.tolist(), None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return PendingTokens(host, event)
+
+    def _to_device(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A host tensor onto the device without a stream sync (pinned, non-blocking on CUDA)."""
+        if self.pinned:
+            t = t.pin_memory()
+        if out is None:
+            return t.to(self.device, non_blocking=True)
+        return out.copy_(t, non_blocking=True)
+
+    def _prefill_launch(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
         k = len(prompts)
         width = max(len(p) for p in prompts)
         kb = bucket_for(k, self.decode_sizes)
@@ -168,13 +215,15 @@ class StaticRunner:
                 self._prefill_failed = True
         if graph is None:
             out = torch.zeros(kb, dtype=torch.long, device=self.device)
-            self._prefill_body(idx.to(self.device), rows.to(self.device), lengths.to(self.device), out)
-            return out[:k].tolist()
-        io["idx"].copy_(idx)
-        io["rows"].copy_(rows)
-        io["lengths"].copy_(lengths)
-        graph.replay()
-        return io["out"][:k].tolist()
+            self._prefill_body(self._to_device(idx), self._to_device(rows), self._to_device(lengths), out)
+        else:
+            self._to_device(idx, io["idx"])
+            self._to_device(rows, io["rows"])
+            self._to_device(lengths, io["lengths"])
+            graph.replay()
+            out = io["out"]
+        self.next_tok[first_row:first_row + k].copy_(out[:k])
+        return out[:k]
 
     # ------------------------------------------------------------------ graphs
     def _capture(self, body: Any) -> torch.cuda.CUDAGraph:
@@ -195,7 +244,7 @@ class StaticRunner:
     @torch.inference_mode()
     def _capture_decode(self) -> None:
         """Every decode bucket, at start: the warm-up runs write junk into free rows only."""
-        self.tok_in.zero_()
+        self.next_tok.zero_()
         self.pos_in.zero_()
         for b in reversed(self.decode_sizes):  # largest first, so the pool fits all
             self._decode_graphs[b] = self._capture(lambda b=b: self._decode_body(b))
@@ -223,7 +272,7 @@ class StaticRunner:
     # ------------------------------------------------------------------ the fixed-shape bodies
     def _decode_body(self, b: int) -> None:
         m = self.model
-        tok, pos = self.tok_in[:b], self.pos_in[:b]
+        tok, pos = self.next_tok[:b], self.pos_in[:b]
         positions = pos[:, None]
         rows = self.row_ids[:b]
         cos, sin = m.rope_cos[positions], m.rope_sin[positions]
@@ -238,6 +287,7 @@ class StaticRunner:
         tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.seed_step[:b])
         observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
         self.tok_out[:b].copy_(tokens)
+        self.next_tok[:b].copy_(tokens)
 
     def _prefill_body(self, idx: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, out: torch.Tensor) -> None:
         m = self.model
@@ -318,3 +368,17 @@ class StaticRunner:
         if ffn.shared_experts is not None:
             y = y + ffn.shared_experts(flat).to(y.dtype)
         return y.view(B, T, D)
+
+
+class PendingTokens:
+    """Tokens of a launched step: a pinned host copy and the event that says it has landed."""
+
+    def __init__(self, host: Any, event: Any):
+        self.host, self.event = host, event
+
+    def result(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL while it waits
+            self.event = None
+            self.host = self.host.tolist()
+        return self.host

@@ -33,12 +33,15 @@ def load_engine(
     max_queue: int = 128,
     content_filter: ContentFilter | None = None,
     static: bool | None = None,
+    overlap: bool | None = None,
 ) -> tuple[Any, Any]:
     """(engine, codec) for a model artifact; the engine is not started yet.
 
     An artifact that holds only an ONNX export (``model.onnx`` + ``onnx.json``, no
     ``model.safetensors``) is served by the ONNX backend whatever ``backend`` says.
     ``static`` picks the torch backend's fixed-shape steps (CUDA graphs on CUDA); None: on CUDA only.
+    ``overlap``: launch each step before reading the last one's tokens where the backend can
+    (fixed-shape steps); None or True: wherever it can, False: never.
     """
     from dsk.serving.engine import Engine, OnnxBackend
     from dsk.serving.text import TextCodec
@@ -78,5 +81,5 @@ def load_engine(
         torch.backends.cudnn.allow_tf32 = True
     codec = TextCodec.from_artifact(path)
     engine = Engine(model, codec, max_batch_size=max_batch_size, max_queue=max_queue,
-                    content_filter=content_filter, device=device, static=static)
+                    content_filter=content_filter, device=device, static=static, overlap=overlap)
     return engine, codec

@@ -213,13 +213,21 @@ class BatchSampler:
 
     def set_row(self, row: int, sampler: SequenceSampler) -> None:
         self.samplers[row] = sampler
-        self.params[row] = torch.tensor(param_row(sampler.params), dtype=torch.float32)
-        self.seed_step[row] = torch.tensor([sampler.seed, 0], dtype=torch.long)
+        # host → device through pinned memory and without blocking: a plain copy would wait for
+        # every step already launched on the device
+        self._upload(self.params[row], torch.tensor(param_row(sampler.params), dtype=torch.float32))
+        self._upload(self.seed_step[row], torch.tensor([sampler.seed, 0], dtype=torch.long))
         self.counts[row].zero_()
         if sampler.seen_mask is not None:
-            self.seen[row].copy_(sampler.seen_mask)
+            self._upload(self.seen[row], sampler.seen_mask)
         else:
             self.seen[row].zero_()
+
+    def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            dst.copy_(src.pin_memory(), non_blocking=True)
+        else:
+            dst.copy_(src)
 
     def move_row(self, src: int, dst: int) -> None:
         self.samplers[dst], self.samplers[src] = self.samplers[src], None
