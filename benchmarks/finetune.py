@@ -80,15 +80,21 @@ def score_heldout(path, heldout) -> dict:
                          for p, r in list(zip(preds, heldout))[:6]]}
 
 
-def build_base(store, *, preset: str, pretrain_steps: int, threads: int):
-    """The base model: featurize + pretrain on the sample corpus (a cache hit when built before)."""
+def build_base(store, *, preset: str, pretrain_steps: int, threads: int, repeat_fraction: float = 0.0,
+               lr: float = 3e-3):
+    """The base model: featurize + pretrain on the sample corpus (a cache hit when built before).
+
+    ``repeat_fraction`` > 0 gives that share of pretraining rows a repeated span
+    (`dsk pretrain --repeat-fraction`), which teaches the base in-context copying.
+    """
     from dsk import featurize, pretrain
 
     text = text_artifact(store)
     tokens = featurize.run(source=text.id, params=featurize.Params(vocab_size=1024, val_fraction=0.05), store=store).artifact
     return pretrain.run(source=tokens.id, params=pretrain.Params(
-        preset=preset, context=128, batch_size=8, max_steps=pretrain_steps, lr=3e-3, warmup_steps=20,
-        eval_every=0, eval_tokens=16384, threads=threads, checkpoint_every_minutes=0), store=store).artifact
+        preset=preset, context=128, batch_size=8, max_steps=pretrain_steps, lr=lr, warmup_steps=20,
+        eval_every=0, eval_tokens=16384, threads=threads, checkpoint_every_minutes=0,
+        repeat_fraction=repeat_fraction), store=store).artifact
 
 
 def main() -> None:

@@ -149,6 +149,7 @@ def main() -> None:
     ap.add_argument("--workspace", required=True, help="DSK_HOME holding (or to hold) the base")
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--repeat-fraction", type=float, default=0.0, help="pretrain --repeat-fraction of the base")
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--grid", default="lr", choices=sorted(GRIDS))
     ap.add_argument("--configs", default=None, help="JSON list of param dicts (instead of --grid)")
@@ -169,7 +170,8 @@ def main() -> None:
     from dsk.artifacts import Store
 
     t = time.perf_counter()
-    base = build_base(Store.open(), preset=args.preset, pretrain_steps=args.pretrain_steps, threads=args.threads)
+    base = build_base(Store.open(), preset=args.preset, pretrain_steps=args.pretrain_steps, threads=args.threads,
+                      repeat_fraction=args.repeat_fraction)
     first, repeat = copy_loss(base.path)
     print(f"base {base.id} ({args.pretrain_steps} steps, val_loss {base.metrics.get('val_loss')}) "
           f"in {time.perf_counter() - t:.0f}s; copy test: loss {first:.2f} on random tokens, {repeat:.2f} on their repeat",
@@ -204,6 +206,8 @@ def main() -> None:
                 continue
             rec = json.loads(lines[-1][7:])
             rec["pretrain_steps"] = args.pretrain_steps
+            rec["repeat_fraction"] = args.repeat_fraction
+            rec["load_avg_1m"] = round(os.getloadavg()[0], 2)
             rec["base_val_loss"] = base.metrics.get("val_loss")
             rec["base_copy_loss"] = [round(first, 3), round(repeat, 3)]
             with out.open("a") as f:
