@@ -240,32 +240,31 @@ def test_window_sampler_is_deterministic_and_reads_the_shard(workspace):
     assert sum(v[1].numel() for v in val) == ((len(np.fromfile(art.path / "val.bin", dtype=np.uint16)) - 1) // 16) * 16
 
 
-def test_repeat_spans_copy_a_span_later_into_chosen_rows_only():
+def test_repeat_spans_make_chosen_rows_periodic_and_leave_the_rest():
     from dsk.train.data import MIN_REPEAT_SPAN, repeat_spans
 
-    block = np.arange(40 * 65, dtype=np.int64).reshape(40, 65)  # all tokens distinct: a copy is unambiguous
+    block = np.arange(40 * 65, dtype=np.int64).reshape(40, 65)  # all tokens distinct: a period is unambiguous
     out = repeat_spans(block, np.random.default_rng(3), 0.5)
-    again = repeat_spans(block, np.random.default_rng(3), 0.5)
-    assert np.array_equal(out, again) and not np.array_equal(out, repeat_spans(block, np.random.default_rng(4), 0.5))
+    assert np.array_equal(out, repeat_spans(block, np.random.default_rng(3), 0.5))
+    assert not np.array_equal(out, repeat_spans(block, np.random.default_rng(4), 0.5))
     assert np.array_equal(block, np.arange(40 * 65).reshape(40, 65))  # input untouched
-    changed = 0
+    periods = []
     for row, orig in zip(out, block):
-        diff = np.flatnonzero(row != orig)
-        if not diff.size:
+        if np.array_equal(row, orig):
             continue
-        changed += 1
-        b, span = diff[0], diff[-1] - diff[0] + 1
-        assert MIN_REPEAT_SPAN <= span <= 65 // 2 and np.all(row[b : b + span] != orig[b : b + span])
-        a = int(np.flatnonzero(orig == row[b])[0])  # where the copied span came from
-        assert a + span <= b  # the source lies wholly before the copy
-        assert np.array_equal(row[b : b + span], orig[a : a + span])
-    assert 10 <= changed <= 30  # about half of 40 rows
+        period = int(np.flatnonzero(row[1:] == row[0])[0]) + 1  # first return of the row's first token
+        assert MIN_REPEAT_SPAN <= period <= 65 // 2
+        assert np.array_equal(row[:period], orig[:period])  # the period is the window's own text
+        assert np.array_equal(row, np.resize(orig[:period], 65))
+        periods.append(period)
+    assert 10 <= len(periods) <= 30 and len(set(periods)) > 3  # about half the rows, periods vary
     assert np.array_equal(repeat_spans(block, np.random.default_rng(3), 0.0), block)
     assert all(np.any(r != o) for r, o in zip(repeat_spans(block, np.random.default_rng(3), 1.0), block))
 
 
 def test_repeat_fraction_batches_are_deterministic_and_plain_when_off(workspace):
     from dsk.train import TokenData
+    from dsk.train.data import MIN_REPEAT_SPAN
 
     art = make_tokens_artifact()
     plain = TokenData.open(art.path, context=32, batch_size=8, seed=1)
@@ -274,7 +273,7 @@ def test_repeat_fraction_batches_are_deterministic_and_plain_when_off(workspace)
     x1, y1 = rep.batch(2, 0)
     assert torch.equal(x1, TokenData.open(art.path, context=32, batch_size=8, seed=1, repeat_fraction=1.0).batch(2, 0)[0])
     assert torch.equal(x1[:, 1:], y1[:, :-1]) and not torch.equal(x0, x1)
-    assert (x1 == x0).float().mean() > 0.4  # the same windows, each with one span overwritten
+    assert torch.equal(x1[:, :MIN_REPEAT_SPAN], x0[:, :MIN_REPEAT_SPAN])  # the same windows, made periodic
     # ranks read their slice of the same global batch
     halves = [rep.shard(r, 2).batch(2, 0)[0] for r in (0, 1)]
     assert torch.equal(torch.cat(halves), x1)

@@ -55,9 +55,9 @@ class Params(StageParams):
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
     repeat_fraction: float = Field(
         0.0, ge=0, le=1,
-        description="Share of training rows given a repeated span (a span of 4..context/2 corpus tokens copied "
-        "later into the same row), so a small model learns in-context copying (induction heads) that "
-        "instruction tasks build on; 0 = plain corpus windows. Validation stays plain text (docs/finetune.md).",
+        description="Share of training rows made periodic (the row's first 8..context/2 corpus tokens repeated "
+        "to its end), so a small model learns in-context copying (induction heads) that instruction tasks "
+        "build on; 0 = plain corpus windows. Validation stays plain text (docs/finetune.md).",
     )
     # ---- tables (issue 12): on a table/features input pretrain trains dsk.tabular's classifier
     table: TableParams = Field(

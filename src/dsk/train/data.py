@@ -40,28 +40,27 @@ def read_token_meta(path: Path) -> dict:
     return meta
 
 
-MIN_REPEAT_SPAN = 4
+MIN_REPEAT_SPAN = 8
 
 
 def repeat_spans(block: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
-    """Give about ``fraction`` of the rows a repeated span: tokens ``[a, a+L)`` copied to ``[b, b+L)``.
+    """Make about ``fraction`` of the rows periodic: the row's first ``L`` tokens, repeated to its end.
 
-    ``b >= a + L`` (the copy comes after its source, whole), ``L`` is uniform in
-    ``[4, len/2]``. Predicting the second occurrence needs a look back at the first: this is
-    the in-context copying (induction-head) pressure that a small plain corpus lacks and that
-    instruction tasks (copy a word from the prompt) rely on. Rows are chosen and placed by
-    ``rng`` alone, so a batch stays a pure function of (seed, step, micro step). Returns a new array.
+    ``L`` is uniform in ``[8, len/2]``, so every token after the first period is a copy of
+    the token ``L`` places back, with ``L`` different from row to row: a fixed-offset
+    attention head cannot predict it, looking up the previous occurrence of the current
+    token and copying its successor (an induction head) can. That is the in-context copying
+    a small plain corpus does not teach (docs/finetune.md) and instruction tasks (copy a word
+    from the prompt) rely on. Rows are chosen and cut by ``rng`` alone, so a batch stays a
+    pure function of (seed, step, micro step). Returns a new array.
     """
     out = block.copy()
     n = out.shape[1]
     if n < 2 * MIN_REPEAT_SPAN:
         return out
-    chosen = rng.random(out.shape[0]) < fraction
-    for i in np.flatnonzero(chosen):
-        span = int(rng.integers(MIN_REPEAT_SPAN, n // 2 + 1))
-        a = int(rng.integers(0, n - 2 * span + 1))
-        b = int(rng.integers(a + span, n - span + 1))
-        out[i, b : b + span] = out[i, a : a + span]
+    for i in np.flatnonzero(rng.random(out.shape[0]) < fraction):
+        period = int(rng.integers(MIN_REPEAT_SPAN, n // 2 + 1))
+        out[i] = np.resize(out[i, :period], n)
     return out
 
 
