@@ -17,7 +17,7 @@ Targets (issue 8): LoRA >= 90% of full finetuning's accuracy with <= 2% of the p
 trainable; SFT well above the base. The learning rates and LoRA shape are the best of
 benchmarks/finetune_sweep.py (docs/finetune.md).
 
-    $ python benchmarks/finetune.py            # ~25 min on a busy 2-core CPU
+    $ python benchmarks/finetune.py            # ~20 min on a busy 2-core CPU (two 6000-step bases: ~7 min each)
     $ python benchmarks/finetune.py --quick    # a smoke run (numbers not meaningful)
 
 Writes benchmarks/results/finetune.json and benchmarks/results/finetune.md.
@@ -150,8 +150,8 @@ def build_base(store, *, preset: str, pretrain_steps: int, threads: int, repeat_
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny smoke run")
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
-    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
+    ap.add_argument("--pretrain-steps", type=int, default=6000)
+    ap.add_argument("--pretrain-lr", type=float, default=1e-3)
     ap.add_argument("--repeat-fraction", type=float, default=0.5, help="the repeat base's pretrain --repeat-fraction")
     ap.add_argument("--bases", default="plain,repeat", help="which bases to compare (plain, repeat)")
     ap.add_argument("--sft-steps", type=int, default=400)
@@ -159,7 +159,7 @@ def main() -> None:
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--lora-targets", default="attn")
-    ap.add_argument("--lora-lr", type=float, default=5e-3)
+    ap.add_argument("--lora-lr", type=float, default=1e-2)
     ap.add_argument("--full-lr", type=float, default=2e-3)
     ap.add_argument("--dpo-lr", type=float, default=5e-4)
     ap.add_argument("--dpo-beta", type=float, default=0.1)
