@@ -17,7 +17,7 @@ Targets (issue 8): LoRA >= 90% of full finetuning's accuracy with <= 2% of the p
 trainable; SFT well above the base. The learning rates and LoRA shape are the best of
 benchmarks/finetune_sweep.py (docs/finetune.md).
 
-    $ python benchmarks/finetune.py            # ~20 min on a busy 2-core CPU (two 6000-step bases: ~7 min each)
+    $ python benchmarks/finetune.py            # ~25 min on a shared 2-core CPU (two 6000-step bases: ~11 min each)
     $ python benchmarks/finetune.py --quick    # a smoke run (numbers not meaningful)
 
 Writes benchmarks/results/finetune.json and benchmarks/results/finetune.md.
