@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from finetune import ROOT, TASKS, build_base, score_heldout  # noqa: E402
+from finetune import ROOT, TASKS, build_base, copy_test, score_heldout, val_tokens  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -96,29 +96,6 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) 
             "device": dpo.metrics.get("device"), "seconds": round(seconds, 1)}
 
 
-def copy_loss(path, seed: int = 0) -> tuple[float, float]:
-    """In-context copying of the base: mean loss on 30 random tokens, then on the same 30 again.
-
-    A model with induction heads predicts the repeat far better than the first pass; one
-    without them (repeat loss ~ first loss) cannot copy words from a prompt, which copy /
-    first word / last word / reverse need.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    from dsk.models import load_model
-
-    model, _, cfg = load_model(path)
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(10, cfg.vocab_size - 24, (32, 30), generator=g)
-    seq = torch.cat([x, x], 1)
-    with torch.no_grad():
-        logits = model(seq).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), seq[:, 1:].reshape(-1), reduction="none").view(32, -1)
-    return float(loss[:, :29].mean()), float(loss[:, 30:].mean())
-
-
 def run_one(config: dict, *, workspace: Path, base_id: str, sft_steps: int, threads: int) -> dict:
     """Finetune ``base_id`` with ``config`` (in this process) and score it."""
     os.environ["DSK_HOME"] = str(workspace)
@@ -149,11 +126,16 @@ def main() -> None:
     ap.add_argument("--workspace", required=True, help="DSK_HOME holding (or to hold) the base")
     ap.add_argument("--pretrain-steps", type=int, default=1500)
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--repeat-fraction", type=float, default=0.0, help="pretrain --repeat-fraction of the base")
+    ap.add_argument("--pretrain-lr", type=float, default=3e-3, help="peak learning rate of the base's pretraining")
     ap.add_argument("--sft-steps", type=int, default=400)
     ap.add_argument("--grid", default="lr", choices=sorted(GRIDS))
     ap.add_argument("--configs", default=None, help="JSON list of param dicts (instead of --grid)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--in-place", action="store_true",
+                    help="run the configs one at a time in --workspace itself (no copies), so their artifacts "
+                    "stay there and a later benchmarks/finetune.py --workspace run reuses them")
     ap.add_argument("--out", default=str(HERE / "results" / "finetune_sweep.jsonl"))
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # worker: one JSON config
     ap.add_argument("--base-id", default=None, help=argparse.SUPPRESS)
@@ -169,11 +151,13 @@ def main() -> None:
     from dsk.artifacts import Store
 
     t = time.perf_counter()
-    base = build_base(Store.open(), preset=args.preset, pretrain_steps=args.pretrain_steps, threads=args.threads)
-    first, repeat = copy_loss(base.path)
-    print(f"base {base.id} ({args.pretrain_steps} steps, val_loss {base.metrics.get('val_loss')}) "
-          f"in {time.perf_counter() - t:.0f}s; copy test: loss {first:.2f} on random tokens, {repeat:.2f} on their repeat",
-          flush=True)
+    store = Store.open()
+    base = build_base(store, preset=args.preset, pretrain_steps=args.pretrain_steps, threads=args.threads,
+                      repeat_fraction=args.repeat_fraction, lr=args.pretrain_lr)
+    copy = copy_test(base.path, val_tokens(store))
+    print(f"base {base.id} ({args.pretrain_steps} steps, val_loss {base.metrics.get('val_loss')}, val_bpb "
+          f"{base.metrics.get('val_bpb')}) in {time.perf_counter() - t:.0f}s; copy test (loss on a span, then on its "
+          f"repeat): {copy}", flush=True)
     configs = json.loads(args.configs) if args.configs else GRIDS[args.grid]
     scratch = Path(tempfile.mkdtemp(prefix="dsk-ft-sweep-"))
     running: list[tuple[subprocess.Popen, dict, Path]] = []
@@ -181,9 +165,13 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    if args.in_place:
+        args.jobs = 1
+
     def launch(i: int, config: dict) -> None:
-        ws = scratch / f"w{i}"
-        shutil.copytree(args.workspace, ws, ignore=shutil.ignore_patterns("runs", "tmp"))
+        ws = Path(args.workspace) if args.in_place else scratch / f"w{i}"
+        if not args.in_place:
+            shutil.copytree(args.workspace, ws, ignore=shutil.ignore_patterns("runs", "tmp"))
         cmd = [sys.executable, __file__, "--workspace", str(ws), "--base-id", base.id, "--sft-steps",
                str(args.sft_steps), "--threads", str(args.threads), "--one", json.dumps(config)]
         running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -204,14 +192,18 @@ def main() -> None:
                 continue
             rec = json.loads(lines[-1][7:])
             rec["pretrain_steps"] = args.pretrain_steps
+            rec["repeat_fraction"] = args.repeat_fraction
+            rec["pretrain_lr"] = args.pretrain_lr
+            rec["load_avg_1m"] = round(os.getloadavg()[0], 2)
             rec["base_val_loss"] = base.metrics.get("val_loss")
-            rec["base_copy_loss"] = [round(first, 3), round(repeat, 3)]
+            rec["base_copy_test"] = copy
             with out.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             dpo = f"pref {rec['pref_acc_before']:.2f} -> {rec['pref_acc_after']:.2f}  " if "pref_acc_before" in rec else ""
             print(f"{dpo}{rec['exact_match']:.3f}  {rec['trainable_fraction'] * 100:6.2f}%  {rec['per_task']}  {config}  "
                   f"({rec['seconds']}s, {rec['device']})", flush=True)
-            shutil.rmtree(ws, ignore_errors=True)
+            if not args.in_place:
+                shutil.rmtree(ws, ignore_errors=True)
 
 
 if __name__ == "__main__":

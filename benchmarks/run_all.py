@@ -15,7 +15,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> int:
-    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in {"run_all.py", "common.py"} and not p.name.startswith("_"))
+    # *_sweep.py are tuning tools that need a --workspace and run for long, not benchmarks
+    scripts = sorted(p for p in HERE.glob("*.py") if p.name not in {"run_all.py", "common.py"}
+                     and not p.name.startswith("_") and not p.stem.endswith("_sweep"))
     if argv:
         scripts = [p for p in scripts if p.stem in argv]
     failed = []

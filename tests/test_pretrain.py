@@ -240,6 +240,65 @@ def test_window_sampler_is_deterministic_and_reads_the_shard(workspace):
     assert sum(v[1].numel() for v in val) == ((len(np.fromfile(art.path / "val.bin", dtype=np.uint16)) - 1) // 16) * 16
 
 
+def test_repeat_spans_make_chosen_rows_periodic_and_leave_the_rest():
+    from dsk.train.data import MIN_REPEAT_SPAN, repeat_spans
+
+    block = np.arange(40 * 65, dtype=np.int64).reshape(40, 65)  # all tokens distinct: a period is unambiguous
+    out = repeat_spans(block, np.random.default_rng(3), 0.5)
+    assert np.array_equal(out, repeat_spans(block, np.random.default_rng(3), 0.5))
+    assert not np.array_equal(out, repeat_spans(block, np.random.default_rng(4), 0.5))
+    assert np.array_equal(block, np.arange(40 * 65).reshape(40, 65))  # input untouched
+    periods = []
+    for row, orig in zip(out, block):
+        if np.array_equal(row, orig):
+            continue
+        period = int(np.flatnonzero(row[1:] == row[0])[0]) + 1  # first return of the row's first token
+        assert MIN_REPEAT_SPAN <= period <= 65 // 2
+        assert np.array_equal(row[:period], orig[:period])  # the period is the window's own text
+        assert np.array_equal(row, np.resize(orig[:period], 65))
+        periods.append(period)
+    assert 10 <= len(periods) <= 30 and len(set(periods)) > 3  # about half the rows, periods vary
+    assert np.array_equal(repeat_spans(block, np.random.default_rng(3), 0.0), block)
+    assert all(np.any(r != o) for r, o in zip(repeat_spans(block, np.random.default_rng(3), 1.0), block))
+
+
+def test_repeat_fraction_batches_are_deterministic_and_plain_when_off(workspace):
+    from dsk.train import TokenData
+    from dsk.train.data import MIN_REPEAT_SPAN
+
+    art = make_tokens_artifact()
+    plain = TokenData.open(art.path, context=32, batch_size=8, seed=1)
+    rep = TokenData.open(art.path, context=32, batch_size=8, seed=1, repeat_fraction=1.0)
+    x0, y0 = plain.batch(2, 0)
+    x1, y1 = rep.batch(2, 0)
+    assert torch.equal(x1, TokenData.open(art.path, context=32, batch_size=8, seed=1, repeat_fraction=1.0).batch(2, 0)[0])
+    assert torch.equal(x1[:, 1:], y1[:, :-1]) and not torch.equal(x0, x1)
+    assert torch.equal(x1[:, :MIN_REPEAT_SPAN], x0[:, :MIN_REPEAT_SPAN])  # the same windows, made periodic
+    # ranks read their slice of the same global batch
+    halves = [rep.shard(r, 2).batch(2, 0)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(halves), x1)
+    assert [v[0].tolist() for v in rep.val_batches()] == [v[0].tolist() for v in plain.val_batches()]
+
+
+def test_repeat_fraction_changes_the_artifact_id_only_when_set():
+    from dsk.pretrain import Params
+
+    assert "repeat_fraction" not in Params().model_dump(mode="json")  # ids of earlier artifacts stay valid
+    assert Params(repeat_fraction=0.25).model_dump(mode="json")["repeat_fraction"] == 0.25
+    assert Params(**Params(repeat_fraction=0.25).model_dump(mode="json")).repeat_fraction == 0.25
+    assert "repeat_fraction" in Params.model_fields and Params.model_fields["repeat_fraction"].description
+
+
+def test_pretrain_with_repeat_fraction_gets_its_own_artifact(cli, workspace):
+    make_tokens_artifact()
+    ids = []
+    for extra in ([], ["--repeat-fraction", "0.5"], []):
+        code, out, err = cli("pretrain", *TINY[:1], "3", *TINY[2:], *extra, "--json")
+        assert code == 0, err
+        ids.append(json.loads(out)["id"])
+    assert ids[0] == ids[2] != ids[1]
+
+
 def test_muon_orthogonalises_and_keeps_head_and_router_on_adamw():
     from dsk.models import ModelConfig, Transformer
     from dsk.train import make_optimizer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from dsk.config import StageParams
 from dsk.tabular.params import TableParams
@@ -53,9 +53,23 @@ class Params(StageParams):
     keep_checkpoints: int = Field(3, ge=1, description="Keep the last N checkpoints.")
     profile: int = Field(0, ge=0, description="Profile N steps with torch.profiler: Chrome trace + top-ops table in the artifact.")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+    repeat_fraction: float = Field(
+        0.0, ge=0, le=1,
+        description="Share of training rows made periodic (the row's first 8..context/2 corpus tokens repeated "
+        "to its end), so a small model learns in-context copying (induction heads) that instruction tasks "
+        "build on; 0 = plain corpus windows. Validation stays plain text (docs/finetune.md).",
+    )
     # ---- tables (issue 12): on a table/features input pretrain trains dsk.tabular's classifier
     table: TableParams = Field(
         default_factory=TableParams,
         description="Table classifier options, used when the input is a table or features artifact, e.g. "
         "'{epochs: 100, dim: 64}' (see docs/tables.md); the options above are for language models.",
     )
+
+    @model_serializer(mode="wrap")
+    def _omit_default_repeat(self, handler):
+        # added after artifacts were made: left out at its default so those artifact ids stay valid
+        data = handler(self)
+        if self.repeat_fraction == 0.0:
+            data.pop("repeat_fraction", None)
+        return data

@@ -153,7 +153,7 @@ def _build(ctx: StageContext, params: Params, src: Artifact, *, resume: bool, di
     if not tokenizer_path.is_file():
         raise DskError(f"tokens artifact {src.id} has no tokenizer.json; rerun `dsk featurize --force`")
     data = TokenData.open(src.path, context=params.context, batch_size=params.batch_size, seed=ctx.seed,
-                          eval_tokens=params.eval_tokens)
+                          eval_tokens=params.eval_tokens, repeat_fraction=params.repeat_fraction)
     cfg = model_config(params, data.vocab_size)
     tcfg = dataclasses.replace(train_config(params), **(dist_opts or {}))
     info = distributed.env_info()

@@ -40,6 +40,30 @@ def read_token_meta(path: Path) -> dict:
     return meta
 
 
+MIN_REPEAT_SPAN = 8
+
+
+def repeat_spans(block: np.ndarray, rng: np.random.Generator, fraction: float) -> np.ndarray:
+    """Make about ``fraction`` of the rows periodic: the row's first ``L`` tokens, repeated to its end.
+
+    ``L`` is uniform in ``[8, len/2]``, so every token after the first period is a copy of
+    the token ``L`` places back, with ``L`` different from row to row: a fixed-offset
+    attention head cannot predict it, looking up the previous occurrence of the current
+    token and copying its successor (an induction head) can. That is the in-context copying
+    a small plain corpus does not teach (docs/finetune.md) and instruction tasks (copy a word
+    from the prompt) rely on. Rows are chosen and cut by ``rng`` alone, so a batch stays a
+    pure function of (seed, step, micro step). Returns a new array.
+    """
+    out = block.copy()
+    n = out.shape[1]
+    if n < 2 * MIN_REPEAT_SPAN:
+        return out
+    for i in np.flatnonzero(rng.random(out.shape[0]) < fraction):
+        period = int(rng.integers(MIN_REPEAT_SPAN, n // 2 + 1))
+        out[i] = np.resize(out[i, :period], n)
+    return out
+
+
 @dataclass
 class TokenData:
     """Train/val token shards plus the sampling rules; ``batch()`` and ``val_batches()`` feed the loop."""
@@ -52,6 +76,7 @@ class TokenData:
     seed: int
     val_bytes: int
     eval_tokens: int = 65536
+    repeat_fraction: float = 0.0  # share of training rows given a repeated span (repeat_spans)
     rank: int = 0  # several processes: this rank reads rows rank*b/world .. (rank+1)*b/world of each batch
     world: int = 1
 
@@ -62,7 +87,8 @@ class TokenData:
         return dataclasses.replace(self, rank=rank, world=world)
 
     @classmethod
-    def open(cls, path: str | Path, *, context: int, batch_size: int, seed: int, eval_tokens: int = 65536) -> "TokenData":
+    def open(cls, path: str | Path, *, context: int, batch_size: int, seed: int, eval_tokens: int = 65536,
+             repeat_fraction: float = 0.0) -> "TokenData":
         """Open the shards by memory map and check them; every problem is a one-line DskError."""
         root = Path(path)
         meta = read_token_meta(root)
@@ -97,6 +123,7 @@ class TokenData:
         return cls(
             train=shards["train"], val=shards["val"], vocab_size=vocab, context=context,
             batch_size=batch_size, seed=seed, val_bytes=val_bytes, eval_tokens=eval_tokens,
+            repeat_fraction=repeat_fraction,
         )
 
     @property
@@ -116,7 +143,13 @@ class TokenData:
         rng = np.random.default_rng([self.seed, step, micro])
         starts = rng.integers(0, self.train.shape[0] - self.context, size=self.batch_size)
         rows = self.batch_size // self.world
-        return self._windows(self.train, starts[self.rank * rows : (self.rank + 1) * rows])
+        if self.repeat_fraction <= 0:
+            return self._windows(self.train, starts[self.rank * rows : (self.rank + 1) * rows])
+        # the repeats are drawn for the global batch (own stream), so every rank count sees the same rows
+        block = self.train[starts[:, None] + np.arange(self.context + 1)].astype(np.int64)
+        block = repeat_spans(block, np.random.default_rng([self.seed, step, micro, 1]), self.repeat_fraction)
+        t = torch.from_numpy(block[self.rank * rows : (self.rank + 1) * rows])
+        return t[:, :-1], t[:, 1:]
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping validation windows, evenly spread, at most ``eval_tokens`` targets."""
