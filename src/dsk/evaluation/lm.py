@@ -158,3 +158,21 @@ def torch_decode_tokens_per_s(model, prompt_ids, new_tokens: int = 64, *, repeat
     model.eval()
     with torch.inference_mode():
         return decode_tokens_per_s(step, prefill, prompt_ids, new_tokens, repeats=repeats)
+
+
+def decode_speeds(model, graphs: dict[str, Path], new_tokens: int, *, seed: int = 0) -> dict[str, float]:
+    """Greedy batch-1 decode tokens/s: torch eager fp32 and each ONNX graph, same threads, same prompt."""
+    import torch
+
+    from dsk.models.onnx_runtime import OnnxLM
+
+    threads = torch.get_num_threads()
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(seed))
+    n = max(1, min(new_tokens, model.cfg.max_seq_len - 16 - 8))
+    out = {"torch_fp32_decode_tokens_per_s": torch_decode_tokens_per_s(model, prompt, n), "threads": threads}
+    for name, directory in graphs.items():
+        lm = OnnxLM(directory, threads=threads)
+        out[f"{name}_decode_tokens_per_s"] = decode_tokens_per_s(
+            lambda past, tok: lm.step(np.array([tok]), past), lambda ids: lm.prefill(ids.numpy()), prompt, n
+        )
+    return out

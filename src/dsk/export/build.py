@@ -12,6 +12,7 @@ from typing import Any
 
 from dsk.artifacts import Artifact
 from dsk.errors import DskError
+from dsk.evaluation.lm import decode_speeds
 from dsk.runtime import StageContext
 
 FORMATS = ("onnx", "hf", "safetensors")
@@ -124,23 +125,3 @@ def build_onnx(ctx: StageContext, art: Artifact) -> None:
         + (f"; decode {m['ort_fp32_decode_tokens_per_s']:.1f} tok/s onnxruntime vs {m['torch_fp32_decode_tokens_per_s']:.1f} torch"
            if p.bench_tokens else "")
     )
-
-
-def decode_speeds(model, graphs: dict[str, Path], new_tokens: int, *, seed: int = 0) -> dict[str, float]:
-    """Greedy batch-1 decode tokens/s: torch eager fp32 and each ONNX graph, same threads, same prompt."""
-    import numpy as np
-    import torch
-
-    from dsk.evaluation.lm import decode_tokens_per_s, torch_decode_tokens_per_s
-    from dsk.models.onnx_runtime import OnnxLM
-
-    threads = torch.get_num_threads()
-    prompt = torch.randint(0, model.cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(seed))
-    n = max(1, min(new_tokens, model.cfg.max_seq_len - 16 - 8))
-    out = {"torch_fp32_decode_tokens_per_s": torch_decode_tokens_per_s(model, prompt, n), "threads": threads}
-    for name, directory in graphs.items():
-        lm = OnnxLM(directory, threads=threads)
-        out[f"{name}_decode_tokens_per_s"] = decode_tokens_per_s(
-            lambda past, tok: lm.step(np.array([tok]), past), lambda ids: lm.prefill(ids.numpy()), prompt, n
-        )
-    return out

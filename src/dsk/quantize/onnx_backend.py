@@ -57,7 +57,7 @@ def build_onnx(ctx: StageContext, art: Artifact) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     from dsk.evaluation.lm import evaluate_lm, read_val_tokens, val_batches
-    from dsk.export.build import decode_speeds
+    from dsk.evaluation.lm import decode_speeds
     from dsk.models import load_model
     from dsk.models.onnx_export import export_onnx, write_layout
     from dsk.models.onnx_runtime import OnnxLM
