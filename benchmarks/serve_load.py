@@ -99,6 +99,15 @@ def start_server(home: Path, model_id: str, *, max_batch_size: int, device: str,
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def stop_server(proc: subprocess.Popen, *, timeout_s: float) -> None:
+    """Terminate a server process, killing it if it has not exited within timeout_s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def wait_up(proc: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
     import httpx
 
@@ -310,11 +319,7 @@ class Server:
         return result
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_server(self.proc, timeout_s=30)
 
 
 def engine_only(model_dir: Path, *, batch_sizes: list[int], device: str, threads: int, max_tokens: int,

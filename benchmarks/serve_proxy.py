@@ -204,11 +204,9 @@ class ProxyServer:
                 "model": "proxy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).raise_for_status()
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        from serve_load import stop_server
+
+        stop_server(self.proc, timeout_s=20)
 
 
 def main() -> int:
