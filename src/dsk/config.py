@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dsk.errors import DskError
 
@@ -105,3 +105,23 @@ def build_params(
 
 def params_help(schema: type[StageParams]) -> dict[str, str]:
     return {name: (f.description or "") for name, f in schema.model_fields.items()}
+
+
+class TrainingFields:
+    """Field definitions the training stages (`dsk pretrain`, `dsk finetune`) share, declared once.
+
+    Each stage's schema still lists the fields itself (``grad_clip: float = TrainingFields.grad_clip``),
+    so its ``--help`` keeps its own order; a field whose default differs between the stages
+    (max_steps, warmup, weight decay ...) stays in that stage's schema.
+    """
+
+    grad_accum = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
+    min_lr_ratio = Field(0.1, ge=0, le=1, description="The cosine decays to lr * min_lr_ratio.")
+    grad_clip = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    precision = Field("fp32", description="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling.")
+    device = Field("auto", description="Training device; auto picks cuda, then mps, then cpu.")
+    log_every = Field(10, ge=1, description="Log training metrics every N steps.")
+    checkpoint_every = Field(0, ge=0, description="Checkpoint every N steps (0 = off); used by --resume.")
+    checkpoint_every_minutes = Field(10.0, ge=0, description="Checkpoint every N minutes (0 = off).")
+    max_minutes = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")
+    threads = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")

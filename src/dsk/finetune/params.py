@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, field_validator
 
-from dsk.config import StageParams
+from dsk.config import StageParams, TrainingFields
 
 Target = Literal["attn", "mlp", "experts"]
 
@@ -47,24 +47,24 @@ class Params(StageParams):
     )
     max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Rows per micro-batch (dpo: preference pairs).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    grad_accum: int = TrainingFields.grad_accum
     lr: Optional[float] = Field(None, gt=0, description="Peak learning rate (default: 5e-3 lora, 2e-3 full, 5e-4 dpo; tuned on the small presets).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decays to lr * min_lr_ratio.")
+    min_lr_ratio: float = TrainingFields.min_lr_ratio
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of trained matrices.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
+    grad_clip: float = TrainingFields.grad_clip
     optimizer: Literal["adamw", "lion"] = Field("adamw", description="Optimizer.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast, or fp16 autocast with loss scaling.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device; auto picks cuda, then mps, then cpu.")
+    precision: Literal["fp32", "bf16", "fp16"] = TrainingFields.precision
+    device: Literal["auto", "cpu", "cuda", "mps"] = TrainingFields.device
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps (0 = only at the end).")
     eval_examples: int = Field(64, ge=0, description="Validation examples scored by exact match of a greedy answer at the end (dpo: pairs scored).")
     max_new_tokens: int = Field(32, ge=1, description="Longest generated answer when scoring exact match.")
-    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = off); used by --resume.")
-    checkpoint_every_minutes: float = Field(10.0, ge=0, description="Checkpoint every N minutes (0 = off).")
+    log_every: int = TrainingFields.log_every
+    checkpoint_every: int = TrainingFields.checkpoint_every
+    checkpoint_every_minutes: float = TrainingFields.checkpoint_every_minutes
     keep_checkpoints: int = Field(2, ge=1, description="Keep the last N checkpoints.")
-    max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+    max_minutes: float = TrainingFields.max_minutes
+    threads: int = TrainingFields.threads
 
     @field_validator("lora_targets", mode="before")
     @classmethod

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_serializer
 
-from dsk.config import StageParams
+from dsk.config import StageParams, TrainingFields
 from dsk.tabular.params import TableParams
 
 Preset = Literal["tiny", "tiny-dense", "tiny-v3", "cpu", "cpu-moe", "small", "small-v3", "base", "gpt2", "gpt2-moe"]
@@ -20,11 +20,11 @@ class Params(StageParams):
     )
     context: int = Field(256, ge=8, le=65536, description="Training context length in tokens (also the model's max_seq_len).")
     batch_size: int = Field(16, ge=1, description="Sequences per micro-batch (the global batch: --nproc processes split it).")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (effective batch = batch_size * grad_accum).")
+    grad_accum: int = TrainingFields.grad_accum
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
-    max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")
+    max_minutes: float = TrainingFields.max_minutes
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decays to lr * min_lr_ratio.")
+    min_lr_ratio: float = TrainingFields.min_lr_ratio
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
     schedule_clock: Literal["steps", "time"] = Field(
         "steps", description="Cosine over max_steps, or over max_minutes of wall time (time: not reproducible)."
@@ -36,9 +36,9 @@ class Params(StageParams):
     weight_decay: float = Field(0.1, ge=0, description="Weight decay of matrices (never norms, biases, embeddings).")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam/Lion beta1.")
     beta2: float = Field(0.95, ge=0, lt=1, description="Adam/Lion beta2.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0 = off).")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp32, bf16 autocast, or fp16 autocast with dynamic loss scaling.")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="Training device; auto picks cuda, then mps, then cpu.")
+    grad_clip: float = TrainingFields.grad_clip
+    precision: Literal["fp32", "bf16", "fp16"] = TrainingFields.precision
+    device: Literal["auto", "cpu", "cuda", "mps"] = TrainingFields.device
     compile: bool = Field(False, description="torch.compile the model.")
     bf16_residual: bool = Field(
         False, description="With --precision bf16: keep the residual stream in bf16 too (~6% faster on an H100; "
@@ -47,12 +47,12 @@ class Params(StageParams):
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward to save memory.")
     eval_every: int = Field(200, ge=0, description="Evaluate validation loss and bits per byte every N steps (0 = only at the end).")
     eval_tokens: int = Field(65536, ge=1, description="At most this many validation tokens per evaluation.")
-    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
-    checkpoint_every: int = Field(0, ge=0, description="Checkpoint every N steps (0 = off); used by --resume.")
-    checkpoint_every_minutes: float = Field(10.0, ge=0, description="Checkpoint every N minutes (0 = off).")
+    log_every: int = TrainingFields.log_every
+    checkpoint_every: int = TrainingFields.checkpoint_every
+    checkpoint_every_minutes: float = TrainingFields.checkpoint_every_minutes
     keep_checkpoints: int = Field(3, ge=1, description="Keep the last N checkpoints.")
     profile: int = Field(0, ge=0, description="Profile N steps with torch.profiler: Chrome trace + top-ops table in the artifact.")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
+    threads: int = TrainingFields.threads
     repeat_fraction: float = Field(
         0.0, ge=0, le=1,
         description="Share of training rows made periodic (the row's first 8..context/2 corpus tokens repeated "
