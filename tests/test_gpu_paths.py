@@ -157,8 +157,9 @@ def test_rope_in_either_memory_order_is_the_same_rotation():
     assert torch.equal(a, b)
 
 
-def _head_loss_kernel_vs_torch(device: str) -> None:
-    """The Triton cross-entropy kernel inside head_cross_entropy against the PyTorch expression."""
+def _head_loss_kernel_vs_torch(device: str, onepass: bool = False) -> None:
+    """The Triton cross-entropy kernel (two sweeps, or one pass) inside head_cross_entropy against the
+    PyTorch expression."""
     import dsk.models.model as M
 
     torch.manual_seed(0)
@@ -167,14 +168,18 @@ def _head_loss_kernel_vs_torch(device: str) -> None:
     w = (0.3 * torch.randn(v, d, device=device)).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
     t[[0, 5, 6]] = -100
+    with torch.no_grad():  # row 9's target far below its max (loss > 30): the one-pass kernel's redo
+        w[t[9]] = -w[(h[9] @ w.T).argmax()] * 40 / float(h[9] @ w[(h[9] @ w.T).argmax()])
     out = {}
     for kernel in (False, True):
         M.triton_cross_entropy = kernel
+        M.cross_entropy_onepass = onepass
         try:
             loss = M.head_cross_entropy(h, w, t, chunk_rows=16)  # 3 chunks, the last one short
             (2.0 * loss).backward()
         finally:
             M.triton_cross_entropy = True
+            M.cross_entropy_onepass = False
         out[kernel] = (loss.detach(), h.grad.clone(), w.grad.clone())
         h.grad = w.grad = None
     assert torch.allclose(out[True][0], out[False][0], rtol=1e-6, atol=0)  # fp32 sums: a few ulps apart
@@ -198,11 +203,19 @@ def test_cross_entropy_kernel_in_triton_interpreter():
             "    K._ce_rows_kernel.configs = [c]\n"
             "    K._ce_rows_kernel.cache.clear()\n"
             "    T._head_loss_kernel_vs_torch('cpu')\n"
+            "for c in K._ce_onepass_kernel.configs[:2]:\n"
+            "    K._ce_onepass_kernel.configs = [c]\n"
+            "    K._ce_onepass_kernel.cache.clear()\n"
+            "    T._head_loss_kernel_vs_torch('cpu', onepass=True)\n"
             # a target outside the vocabulary reads nothing and poisons its row's loss
             "import torch\n"
             "loss, _ = K.cross_entropy_rows(torch.randn(3, 50).bfloat16(), torch.tensor([50, -100, -3]),\n"
             "                               torch.tensor([1.0]), -100)\n"
-            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n")
+            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n"
+            "loss, p, r = K.cross_entropy_rows_onepass(torch.randn(3, 50).bfloat16(), torch.tensor([50, -100, -3]),\n"
+            "                                          torch.tensor([1.0]), -100)\n"
+            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n"
+            "assert r[1] == 0 and not p[1].any()\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
@@ -214,3 +227,4 @@ def test_cross_entropy_kernel_on_gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _head_loss_kernel_vs_torch("cuda")
+    _head_loss_kernel_vs_torch("cuda", onepass=True)

@@ -440,8 +440,10 @@ def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, B: int, T: in
 # --------------------------------------------------------------------------- LM head + loss
 
 
-# the fused head's loss through dsk.models.ce_kernel on CUDA (a switch for benchmarks' A/B runs)
+# the fused head's loss through dsk.models.ce_kernel on CUDA (switches for benchmarks' A/B runs):
+# the one-pass kernel (gradient = r * p, one read of the logits) or the two-sweep one
 triton_cross_entropy = True
+cross_entropy_onepass = False
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -468,6 +470,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         inv_count = (1.0 / n_valid.float()).reshape(1)
         for start in range(0, h.shape[0], chunk_rows):
             hs, ts, valid = hc[start : start + chunk_rows], targets[start : start + chunk_rows], valid_all[start : start + chunk_rows]
+            if kernel and cross_entropy_onepass:
+                # d loss/d logits = r * p with r per row: r goes onto the GEMMs' N x D sides
+                rows, p, r = ce_kernel.cross_entropy_rows_onepass(hs @ wc.t(), ts, inv_count, ignore_index)
+                loss = loss + rows.sum()
+                grad_h.append(((p @ wc) * r[:, None]).to(dtype))
+                gw = (p.t() @ (hs * r[:, None]).to(dtype)).float()
+                grad_w = gw if grad_w is None else grad_w + gw
+                continue
             if kernel:  # loss rows and d loss/d logits in one Triton kernel, no fp32 copy of the logits
                 rows, g = ce_kernel.cross_entropy_rows(hs @ wc.t(), ts, inv_count, ignore_index)
                 loss = loss + rows.sum()
