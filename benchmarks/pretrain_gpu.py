@@ -62,12 +62,12 @@ VARIANTS: dict[str, dict] = {
                                           triton_ce=False),
     # fourth session: the one-pass loss kernel (gradient = r * p), inductor's tuning modes on top
     "dense-b32-fused-bf16res-onepass": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
-                                            ce="onepass"),
-    "dense-b32-fused-onepass": dict(model="dsk", preset="gpt2", batch=32, fused=True, ce="onepass"),
+                                            loss_kernel="onepass"),
+    "dense-b32-fused-onepass": dict(model="dsk", preset="gpt2", batch=32, fused=True, loss_kernel="onepass"),
     "dense-b32-fused-bf16res-onepass-cdt": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
-                                                ce="onepass", inductor={"coordinate_descent_tuning": True}),
+                                                loss_kernel="onepass", inductor={"coordinate_descent_tuning": True}),
     "dense-b32-fused-bf16res-onepass-maxat": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
-                                                  ce="onepass", compile_mode="max-autotune-no-cudagraphs"),
+                                                  loss_kernel="onepass", compile_mode="max-autotune-no-cudagraphs"),
     "micro-ce4": dict(model="micro", batch=32, attention=False, whole_rows=False, round=4),
     "dense-b32-fused-bf16res-flash": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                           sdpa="flash"),
@@ -285,7 +285,7 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
         import dsk.models.model as M
 
         M.triton_cross_entropy = False
-    if v.get("ce") == "onepass":
+    if v.get("loss_kernel") == "onepass":
         import dsk.models.model as M
 
         M.cross_entropy_onepass = True
