@@ -195,11 +195,14 @@ def test_cross_entropy_kernel_in_triton_interpreter():
     from pathlib import Path
 
     pytest.importorskip("triton")
-    # each config alone: per-chunk and per-lane running statistics, forward and reversed second sweep
+    # each config alone: per-chunk and per-lane running statistics, forward and reversed second sweep,
+    # with and without eviction hints; the one-pass kernel likewise (with a row that takes its redo)
     code = ("import dsk.models.ce_kernel as K, tests.test_gpu_paths as T\n"
             "K.available = lambda t: True\n"
-            "configs = list(K._ce_rows_kernel.configs)\n"
-            "for c in configs[:3]:\n"
+            "import triton\n"
+            "configs = list(K._ce_rows_kernel.configs)[:2] + [triton.Config(\n"
+            "    {'BLOCK': 4096, 'LANES': 0, 'REVERSE': 0, 'EVICT': 0}, num_warps=8)]\n"
+            "for c in configs:\n"
             "    K._ce_rows_kernel.configs = [c]\n"
             "    K._ce_rows_kernel.cache.clear()\n"
             "    T._head_loss_kernel_vs_torch('cpu')\n"

@@ -30,14 +30,16 @@ def available(t: torch.Tensor) -> bool:
     return triton is not None and t.is_cuda
 
 
-# (BLOCK, warps, LANES, REVERSE), chosen per vocabulary size on the first call (triton.autotune).
+# (BLOCK, warps, LANES, REVERSE, EVICT), chosen per vocabulary size on the first call (triton.autotune).
 # LANES: sweep 1 keeps a running max and sum per lane (no block-wide reduction, so no barrier,
 # inside the loop); REVERSE: sweep 2 walks the row backwards, reading first the chunks read
 # last, the likeliest to be still in L2. Measured on an H100 in docs/performance.md.
-CONFIGS = ((4096, 8, 0, 0), (8192, 8, 0, 0), (4096, 8, 1, 1), (8192, 8, 1, 1), (8192, 16, 1, 1), (2048, 4, 1, 1))
+# EVICT: sweep 1 loads with evict_last, sweep 2 and the gradient's stores with evict_first, so the row
+# is likelier still in L2 for sweep 2 (3.12 -> 2.79 ms on an H100, docs/performance.md).
+CONFIGS = ((4096, 8, 1, 1, 1), (8192, 16, 1, 1, 1), (8192, 16, 1, 1, 0), (4096, 8, 1, 1, 0))
 
 # (BLOCK, warps, EVICT) of the one-pass kernel, autotuned likewise; LIMIT: see _ce_onepass
-ONEPASS_CONFIGS = ((4096, 8, 0), (8192, 16, 0), (2048, 4, 0), (4096, 8, 1), (8192, 16, 1))
+ONEPASS_CONFIGS = ((4096, 8, 1), (8192, 16, 1), (4096, 8, 0), (8192, 16, 0))
 ONEPASS_LIMIT = 30.0
 
 if triton is not None:
@@ -103,8 +105,8 @@ if triton is not None:
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     _ce_rows_kernel = triton.autotune(
-        configs=[triton.Config({"BLOCK": b, "LANES": lanes, "REVERSE": rev}, num_warps=w)
-                 for b, w, lanes, rev in CONFIGS],
+        configs=[triton.Config({"BLOCK": b, "LANES": lanes, "REVERSE": rev, "EVICT": ev}, num_warps=w)
+                 for b, w, lanes, rev, ev in CONFIGS],
         key=["V"],
     )(_ce_rows)
 
@@ -135,12 +137,12 @@ if triton is not None:
                 e = tl.exp(x - x_t)
                 s += e
                 mx = tl.maximum(mx, x)
-                # the target's column is written once, below, by one thread (no two writers)
+                # the target's column is overwritten below, after a barrier (a mask per column here
+                # would break the 16-byte vector stores: measured 2x slower)
                 if EVICT:
-                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask & (cols != t),
-                             eviction_policy="evict_first")
+                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
                 else:
-                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask & (cols != t))
+                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask)
             shift = x_t
             total = tl.sum(s, 0)
             m = tl.max(mx, 0)
@@ -154,7 +156,7 @@ if triton is not None:
                     x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
                     e = tl.exp(x - m)
                     s += e
-                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask & (cols != t))
+                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask)
                 shift = m
                 total = tl.sum(s, 0)
             scale = tl.load(scale_ptr)
@@ -162,6 +164,8 @@ if triton is not None:
             # gradient = r * p: softmax - onehot = (e - [col == t] * total) / total
             tl.store(r_ptr + row, scale / total)
             e_t = tl.exp(x_t - shift)
+            # every thread's stores of the row are done and visible before the target's column is rewritten
+            tl.debug_barrier()
             tl.store(p_row + tl.where(known, t, 0), (e_t - total).to(p_ptr.dtype.element_ty), mask=known)
         else:
             # an ignored row: zero gradient; written (not skipped) because the GEMMs read every row
