@@ -171,6 +171,7 @@ def _head_loss_kernel_vs_torch(device: str, onepass: bool = False) -> None:
     with torch.no_grad():  # row 9's target far below its max (loss > 30): the one-pass kernel's redo
         w[t[9]] = -w[(h[9] @ w.T).argmax()] * 40 / float(h[9] @ w[(h[9] @ w.T).argmax()])
     out = {}
+    keep = M.cross_entropy_onepass
     for kernel in (False, True):
         M.triton_cross_entropy = kernel
         M.cross_entropy_onepass = onepass
@@ -179,7 +180,7 @@ def _head_loss_kernel_vs_torch(device: str, onepass: bool = False) -> None:
             (2.0 * loss).backward()
         finally:
             M.triton_cross_entropy = True
-            M.cross_entropy_onepass = False
+            M.cross_entropy_onepass = keep
         out[kernel] = (loss.detach(), h.grad.clone(), w.grad.clone())
         h.grad = w.grad = None
     assert torch.allclose(out[True][0], out[False][0], rtol=1e-6, atol=0)  # fp32 sums: a few ulps apart
@@ -223,6 +224,31 @@ def test_cross_entropy_kernel_in_triton_interpreter():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_fp16_head_never_takes_the_one_pass_kernel(monkeypatch):
+    """p = e^(x - x_target) can pass fp16's 65504: fp16 logits go through the two-sweep kernel."""
+    import dsk.models.ce_kernel as K
+    import dsk.models.model as M
+
+    called = []
+
+    def two_sweeps(logits, targets, scale, ignore_index):
+        called.append(logits.dtype)
+        return torch.zeros(logits.shape[0]), torch.zeros_like(logits)
+
+    def one_pass(*args):
+        raise AssertionError("one-pass kernel on fp16 logits")
+
+    monkeypatch.setattr(K, "available", lambda t: True)
+    monkeypatch.setattr(K, "cross_entropy_rows", two_sweeps)
+    monkeypatch.setattr(K, "cross_entropy_rows_onepass", one_pass)
+    monkeypatch.setattr(M, "cross_entropy_onepass", True)
+    h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    M.head_cross_entropy(h.half(), w.half(), t, dtype=torch.float16)
+    assert called == [torch.float16]
+    with pytest.raises(AssertionError, match="one-pass"):  # bf16 does take it
+        M.head_cross_entropy(h, w, t, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu

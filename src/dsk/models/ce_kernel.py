@@ -2,14 +2,21 @@
 
 For each row of logits ``x`` [N, V] with target ``t``: ``loss = logsumexp(x) - x[t]`` and
 ``grad = (softmax(x) - onehot(t)) * scale`` (``scale`` = 1 / scored rows; 0 on ignored rows).
-One program handles one row: a first sweep finds the running max and sum of exponentials,
-a second writes the gradient, re-reading the row (100 KB in bf16 at GPT-2's vocabulary).
-On an H100 at batch 32 x 1024 (bf16 logits [32768, 50304]) it takes 3.1 ms where the compiled
-PyTorch expression took 4.7 ms; the floor (one read and one write of the logits, timed as a
-copy) is 2.2 ms (docs/performance.md).
+One program handles one row (100 KB in bf16 at GPT-2's vocabulary). Two kernels:
 
-    >>> from dsk.models.ce_kernel import cross_entropy_rows, available
+* ``cross_entropy_rows`` (two sweeps): a first sweep finds the running max and sum of
+  exponentials, a second writes the gradient, re-reading the row; L2 eviction hints keep the
+  row cached between them where they can. 2.8 ms on an H100 at batch 32 x 1024 (bf16 logits
+  [32768, 50304]; 3.1 ms without the hints).
+* ``cross_entropy_rows_onepass``: shifts each row by its target's logit, which is known before
+  the sweep, so it needs no running max: one read and one write, and the gradient comes back
+  as ``r[:, None] * p`` with one factor per row that the caller applies to the GEMMs' N x D
+  sides. 2.06 ms, at the floor (a copy of the same bytes: 2.18 ms). The compiled PyTorch
+  expression took 4.7 ms (docs/performance.md).
+
+    >>> from dsk.models.ce_kernel import cross_entropy_rows, cross_entropy_rows_onepass, available
     >>> loss_rows, grad = cross_entropy_rows(logits, targets, inv_count, ignore_index=-100)
+    >>> loss_rows, p, r = cross_entropy_rows_onepass(logits, targets, inv_count, ignore_index=-100)
 
 ``available(t)`` is False on CPU or without Triton; callers keep a PyTorch path for that
 (``dsk.models.model._HeadCrossEntropy``), and tests/test_gpu_paths.py compares the two.
