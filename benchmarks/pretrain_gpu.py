@@ -21,6 +21,7 @@ failure cannot take the others down):
 
     $ python benchmarks/pretrain_gpu.py --budget-s 1500       # the default variants (~20 min on an H100)
     $ python benchmarks/pretrain_gpu.py --only micro,nanogpt-b32,dense-b32-fused-bf16res,moe-text-b32
+    $ python benchmarks/pretrain_gpu.py --budget-s 170 --only nanogpt-b32,dense-b32-fused-bf16res,dense-b32-fused-bf16res-twosweep
     $ python benchmarks/pretrain_gpu.py --quick               # tiny shapes, CPU smoke test
 
 Results: benchmarks/results/pretrain_gpu.{json,md} (or --out DIR); docs/performance.md
@@ -60,6 +61,18 @@ VARIANTS: dict[str, dict] = {
     # "-oldce" is the compiled PyTorch expression it replaced, in the same call
     "dense-b32-fused-bf16res-oldce": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                           triton_ce=False),
+    # fourth session: the one-pass loss kernel (gradient = r * p), inductor's tuning modes on top
+    "dense-b32-fused-bf16res-onepass": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                            loss_kernel="onepass"),
+    # the two-sweep kernel (with eviction hints), the default until the fourth session's calls
+    "dense-b32-fused-bf16res-twosweep": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                             loss_kernel="twosweep"),
+    "dense-b32-fused-onepass": dict(model="dsk", preset="gpt2", batch=32, fused=True, loss_kernel="onepass"),
+    "dense-b32-fused-bf16res-onepass-cdt": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                                loss_kernel="onepass", inductor={"coordinate_descent_tuning": True}),
+    "dense-b32-fused-bf16res-onepass-maxat": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                                  loss_kernel="onepass", compile_mode="max-autotune-no-cudagraphs"),
+    "micro-ce4": dict(model="micro", batch=32, attention=False, whole_rows=False, round=4),
     "dense-b32-fused-bf16res-flash": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                           sdpa="flash"),
     # kernels alone: the cross-entropy candidates against the compiled expression and a copy, SDPA backends
@@ -101,9 +114,9 @@ VARIANTS: dict[str, dict] = {
 }
 # the default run: the anchors at both batches, the plain and the fast paths, the trainer, the MoE with its
 # balance settings, then the attribution variants (the first session's stay selectable with --only)
-DEFAULT = ["micro", "nanogpt-b32", "dense-b32-fused-bf16res", "dense-b32-fused-bf16res-oldce", "dense-b32-fused",
+DEFAULT = ["micro-ce4", "nanogpt-b32", "dense-b32-fused-bf16res", "dense-b32-fused-bf16res-twosweep", "dense-b32-fused",
            "moe-text-b32", "dense-b32-fused-bf16res-flash", "nanogpt-b64", "dense-b64-fused-bf16res",
-           "trainer-dense-b32-bf16res", "dense-b32-fused-bf16res-cdt", "dense-b32-fused-maxautotune"]
+           "trainer-dense-b32-bf16res", "dense-b32-fused-maxautotune"]
 
 # router-balancing settings measured on one compiled MoE model (variants with balance=True):
 # bias step (DeepSeek-V3's sign rule), warm-up steps before the 25 measured ones, data
@@ -269,12 +282,17 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
     if v["model"] == "trainer":
         return row | measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir)
     if v["model"] == "micro":
-        return row | (measure_micro(quick, v.get("attention", True), v.get("whole_rows", True)) if device == "cuda"
+        return row | (measure_micro(quick, v.get("attention", True), v.get("whole_rows", True), v.get("round", 3))
+                      if device == "cuda"
                       else {"skipped": "needs CUDA"})
     if v.get("triton_ce") is False:
         import dsk.models.model as M
 
         M.triton_cross_entropy = False
+    if v.get("loss_kernel"):  # the fused head's loss kernel (dsk.models.model.cross_entropy_onepass)
+        import dsk.models.model as M
+
+        M.cross_entropy_onepass = v["loss_kernel"] == "onepass"
     if v["model"] == "balance":
         return row | measure_balance(v, batch, context, vocab, device, quick, compile_)
 
@@ -528,7 +546,7 @@ def _bench_ms(fn, reps_ms: int = 200) -> float:
     return float(do_bench(fn, warmup=25, rep=reps_ms, return_mode="median"))
 
 
-def measure_micro(quick: bool, attention: bool = True, whole_rows: bool = True) -> dict:
+def measure_micro(quick: bool, attention: bool = True, whole_rows: bool = True, round_: int = 3) -> dict:
     """The loss kernel's candidates on GPT-2-sized logits, and attention's backends, alone.
 
     Cross-entropy rows: bf16 logits [32768, 50304] (batch 32 x 1024), random targets, 1/5 of
@@ -595,14 +613,20 @@ def measure_micro(quick: bool, attention: bool = True, whole_rows: bool = True) 
     # (BLOCK, warps, per-lane running statistics in sweep 1, sweep 2 reversed): dsk.models.ce_kernel
     candidates = [(4096, 8, 0, 0), (8192, 8, 0, 0), (4096, 8, 1, 0), (4096, 8, 0, 1), (4096, 8, 1, 1),
                   (8192, 8, 1, 1), (8192, 16, 1, 1), (2048, 4, 1, 1), (16384, 16, 1, 1)]
-    for b, w, lanes, rev in candidates:
+    if round_ >= 4:  # fourth session: the current default, and with L2 eviction hints (EVICT)
+        # (call 1 also ran 16384 / 16 and 32 warps with hints: 3.62, 3.63 ms)
+        candidates = [(8192, 16, 1, 1), (8192, 16, 1, 1, 1), (4096, 8, 1, 1, 1), (2048, 4, 1, 1, 1),
+                      (4096, 4, 1, 1, 1), (8192, 8, 1, 1, 1)]
+    for b, w, lanes, rev, *ev in candidates:
+        ev = ev[0] if ev else 0
         loss = torch.full((N,), float("nan"), device="cuda")
         g = torch.full_like(x, float("nan"))
 
         def run(loss=loss, g=g, b=b, w=w, lanes=lanes, rev=rev):
             K._ce_rows[(N,)](x, g, t, loss, inv, x.stride(0), g.stride(0), V, -100, BLOCK=b, LANES=lanes, REVERSE=rev,
-                             num_warps=w)
-        name = f"two sweeps BLOCK={b} warps={w}" + (" per-lane stats" if lanes else "") + (" reversed" if rev else "")
+                             EVICT=ev, num_warps=w)
+        name = (f"two sweeps BLOCK={b} warps={w}" + (" per-lane stats" if lanes else "") + (" reversed" if rev else "")
+                + (" evict hints" if ev else ""))
         try:
             run()
             lerr, gerr = check(loss, g)
@@ -624,6 +648,33 @@ def measure_micro(quick: bool, attention: bool = True, whole_rows: bool = True) 
                          "loss_rel_err": lerr, "grad_rel_err": gerr})
         except Exception as exc:
             rows.append({"kernel": f"whole row BLOCK={block} warps={w}", "error": str(exc)[:200]})
+    if round_ >= 4:
+        # the one-pass kernel: gradient = r * p (p = exp(x - x_target), p[t] = 1 - sum, r = scale / sum)
+        # call 1 (target column masked out of the vector stores) ran (2048, 4), (4096, 4), (8192, 8), (16384, 16)
+        # without hints too: 7.2-7.3 ms
+        for b, w, ev in ((4096, 8, 1), (8192, 16, 1), (2048, 4, 1), (4096, 4, 1), (8192, 8, 1), (4096, 8, 0)):
+            loss = torch.full((N,), float("nan"), device="cuda")
+            p = torch.full_like(x, float("nan"))
+            r = torch.full((N,), float("nan"), device="cuda")
+
+            def run(loss=loss, p=p, r=r, b=b, w=w, ev=ev):
+                K._ce_onepass[(N,)](x, p, t, loss, r, inv, x.stride(0), p.stride(0), V, -100, LIMIT=K.ONEPASS_LIMIT,
+                                    BLOCK=b, EVICT=ev, num_warps=w)
+            name = f"one pass BLOCK={b} warps={w}" + (" evict hints" if ev else "")
+            try:
+                run()
+                lerr, gerr = check(loss, r[:, None] * p.float())
+                rows.append({"kernel": name, "ms": round(_bench_ms(run), 3), "loss_rel_err": lerr, "grad_rel_err": gerr,
+                             "nan_left": bool(torch.isnan(p).any() or torch.isnan(loss).any())})
+            except Exception as exc:
+                rows.append({"kernel": name, "error": str(exc)[:200]})
+        loss, p, r = K.cross_entropy_rows_onepass(x, t, inv, -100)
+        lerr, gerr = check(loss, r[:, None] * p.float())
+        rows.append({"kernel": f"dsk::cross_entropy_rows_onepass (autotuned: {K._ce_onepass_kernel.best_config})",
+                     "ms": round(_bench_ms(lambda: K.cross_entropy_rows_onepass(x, t, inv, -100)), 3),
+                     "loss_rel_err": lerr, "grad_rel_err": gerr})
+        del p
+        out["head"] = measure_head(quick)
     # the op as the model calls it (autotuned over ce_kernel's configs on the first call)
     loss, g = K.cross_entropy_rows(x, t, inv, -100)
     lerr, gerr = check(loss, g)
@@ -664,6 +715,40 @@ def measure_micro(quick: bool, attention: bool = True, whole_rows: bool = True) 
         except Exception as exc:
             att.append({"backend": name, "error": str(exc)[:200]})
     out["attention"] = att
+    return out
+
+
+def measure_head(quick: bool) -> list[dict]:
+    """The whole fused head (LM-head GEMM, loss kernel, both gradient GEMMs, backward scaling), compiled,
+    forward + backward, at batch 32 x 1024 x 768: the two-sweep kernel against the one-pass one."""
+    import dsk.models.model as M
+
+    N, D, V = (256, 64, 1000) if quick else (32768, 768, VOCAB)
+    torch.manual_seed(0)
+    h = torch.randn(N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (0.02 * torch.randn(V, D, device="cuda")).requires_grad_()
+    t = torch.randint(0, V, (N,), device="cuda")
+    out, ref, keep = [], None, M.cross_entropy_onepass
+    for onepass in (False, True):
+        M.cross_entropy_onepass = onepass
+        torch._dynamo.reset()
+        f = torch.compile(lambda h, w, t: M.head_cross_entropy(h, w, t, dtype=torch.bfloat16))
+
+        def fb():
+            h.grad = w.grad = None
+            loss = f(h, w, t)
+            loss.backward()
+            return loss
+        try:
+            loss = fb()
+            grads = (loss.detach().float(), h.grad.float(), w.grad.float())
+            ref = grads if ref is None else ref
+            errs = [float((a - b).norm() / b.norm()) for a, b in zip(grads, ref)]
+            out.append({"head": "one pass" if onepass else "two sweeps", "fwd_bwd_ms": round(_bench_ms(fb), 3),
+                        "loss_rel_err": errs[0], "grad_h_rel_err": errs[1], "grad_w_rel_err": errs[2]})
+        except Exception as exc:
+            out.append({"head": "one pass" if onepass else "two sweeps", "error": str(exc)[:300]})
+    M.cross_entropy_onepass = keep
     return out
 
 
@@ -892,6 +977,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             for c in r["ce"]:
                 lines.append(f"| {c['kernel']} | {c.get('ms', c.get('error', ''))} | {c.get('loss_rel_err', '')} | "
                              f"{c.get('grad_rel_err', '')} |")
+        if r.get("head"):
+            lines += ["", "The fused head alone (compiled; GEMM + loss kernel + gradient GEMMs, forward + backward):", "",
+                      "| head | fwd+bwd ms | loss / grad h / grad w rel err vs two sweeps |", "| --- | --- | --- |"]
+            for hd in r["head"]:
+                lines.append(f"| {hd['head']} | {hd.get('fwd_bwd_ms', hd.get('error', ''))} | {hd.get('loss_rel_err', '')} / "
+                             f"{hd.get('grad_h_rel_err', '')} / {hd.get('grad_w_rel_err', '')} |")
         if r.get("attention"):
             lines += ["", "SDPA backends, [32, 12, 1024, 64] bf16 causal, forward + backward:", "",
                       "| backend | fwd+bwd ms | fwd ms | TFLOP/s | rel err vs the first |", "| --- | --- | --- | --- | --- |"]
@@ -922,6 +1013,8 @@ def main() -> None:
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help="results directory (default benchmarks/results; --quick: a temp dir)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="skip variants that would start after this")
+    ap.add_argument("--min-left-s", type=float, default=45.0,
+                    help="skip a variant when less than this is left of the budget (a warm inductor cache needs less)")
     args = ap.parse_args()
     # a smoke run must not overwrite the measured results
     out_dir = Path(args.out or (Path(tempfile.gettempdir()) / "dsk-bench-quick" if args.quick else RESULTS))
@@ -946,7 +1039,7 @@ def main() -> None:
     rows = []
     for name in names:
         left = args.budget_s - (time.perf_counter() - t_start)
-        if left < 45:
+        if left < args.min_left_s:
             rows.append({"variant": name, "error": "skipped: out of time budget"})
             continue
         row = run_variant_subprocess(name, args, out_dir, timeout=left)

@@ -157,8 +157,9 @@ def test_rope_in_either_memory_order_is_the_same_rotation():
     assert torch.equal(a, b)
 
 
-def _head_loss_kernel_vs_torch(device: str) -> None:
-    """The Triton cross-entropy kernel inside head_cross_entropy against the PyTorch expression."""
+def _head_loss_kernel_vs_torch(device: str, onepass: bool = False) -> None:
+    """The Triton cross-entropy kernel (two sweeps, or one pass) inside head_cross_entropy against the
+    PyTorch expression."""
     import dsk.models.model as M
 
     torch.manual_seed(0)
@@ -167,14 +168,19 @@ def _head_loss_kernel_vs_torch(device: str) -> None:
     w = (0.3 * torch.randn(v, d, device=device)).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
     t[[0, 5, 6]] = -100
+    with torch.no_grad():  # row 9's target far below its max (loss > 30): the one-pass kernel's redo
+        w[t[9]] = -w[(h[9] @ w.T).argmax()] * 40 / float(h[9] @ w[(h[9] @ w.T).argmax()])
     out = {}
+    keep = M.cross_entropy_onepass
     for kernel in (False, True):
         M.triton_cross_entropy = kernel
+        M.cross_entropy_onepass = onepass
         try:
             loss = M.head_cross_entropy(h, w, t, chunk_rows=16)  # 3 chunks, the last one short
             (2.0 * loss).backward()
         finally:
             M.triton_cross_entropy = True
+            M.cross_entropy_onepass = keep
         out[kernel] = (loss.detach(), h.grad.clone(), w.grad.clone())
         h.grad = w.grad = None
     assert torch.allclose(out[True][0], out[False][0], rtol=1e-6, atol=0)  # fp32 sums: a few ulps apart
@@ -190,23 +196,59 @@ def test_cross_entropy_kernel_in_triton_interpreter():
     from pathlib import Path
 
     pytest.importorskip("triton")
-    # each config alone: per-chunk and per-lane running statistics, forward and reversed second sweep
+    # each config alone: per-chunk and per-lane running statistics, forward and reversed second sweep,
+    # with and without eviction hints; the one-pass kernel likewise (with a row that takes its redo)
     code = ("import dsk.models.ce_kernel as K, tests.test_gpu_paths as T\n"
             "K.available = lambda t: True\n"
-            "configs = list(K._ce_rows_kernel.configs)\n"
-            "for c in configs[:3]:\n"
+            "import triton\n"
+            "configs = list(K._ce_rows_kernel.configs)[:2] + [triton.Config(\n"
+            "    {'BLOCK': 4096, 'LANES': 0, 'REVERSE': 0, 'EVICT': 0}, num_warps=8)]\n"
+            "for c in configs:\n"
             "    K._ce_rows_kernel.configs = [c]\n"
             "    K._ce_rows_kernel.cache.clear()\n"
             "    T._head_loss_kernel_vs_torch('cpu')\n"
+            "for c in K._ce_onepass_kernel.configs[:2]:\n"
+            "    K._ce_onepass_kernel.configs = [c]\n"
+            "    K._ce_onepass_kernel.cache.clear()\n"
+            "    T._head_loss_kernel_vs_torch('cpu', onepass=True)\n"
             # a target outside the vocabulary reads nothing and poisons its row's loss
             "import torch\n"
             "loss, _ = K.cross_entropy_rows(torch.randn(3, 50).bfloat16(), torch.tensor([50, -100, -3]),\n"
             "                               torch.tensor([1.0]), -100)\n"
-            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n")
+            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n"
+            "loss, p, r = K.cross_entropy_rows_onepass(torch.randn(3, 50).bfloat16(), torch.tensor([50, -100, -3]),\n"
+            "                                          torch.tensor([1.0]), -100)\n"
+            "assert torch.isnan(loss[0]) and loss[1] == 0 and torch.isnan(loss[2]), loss\n"
+            "assert r[1] == 0 and not p[1].any()\n")
     env = dict(os.environ, TRITON_INTERPRET="1")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).resolve().parents[1])
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_fp16_head_never_takes_the_one_pass_kernel(monkeypatch):
+    """p = e^(x - x_target) can pass fp16's 65504: fp16 logits go through the two-sweep kernel."""
+    import dsk.models.ce_kernel as K
+    import dsk.models.model as M
+
+    called = []
+
+    def two_sweeps(logits, targets, scale, ignore_index):
+        called.append(logits.dtype)
+        return torch.zeros(logits.shape[0]), torch.zeros_like(logits)
+
+    def one_pass(*args):
+        raise AssertionError("one-pass kernel on fp16 logits")
+
+    monkeypatch.setattr(K, "available", lambda t: True)
+    monkeypatch.setattr(K, "cross_entropy_rows", two_sweeps)
+    monkeypatch.setattr(K, "cross_entropy_rows_onepass", one_pass)
+    monkeypatch.setattr(M, "cross_entropy_onepass", True)
+    h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    M.head_cross_entropy(h.half(), w.half(), t, dtype=torch.float16)
+    assert called == [torch.float16]
+    with pytest.raises(AssertionError, match="one-pass"):  # bf16 does take it
+        M.head_cross_entropy(h, w, t, dtype=torch.bfloat16)
 
 
 @pytest.mark.gpu
@@ -214,3 +256,4 @@ def test_cross_entropy_kernel_on_gpu():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     _head_loss_kernel_vs_torch("cuda")
+    _head_loss_kernel_vs_torch("cuda", onepass=True)

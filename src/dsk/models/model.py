@@ -440,8 +440,12 @@ def sequence_balance_loss(scores: torch.Tensor, ids: torch.Tensor, B: int, T: in
 # --------------------------------------------------------------------------- LM head + loss
 
 
-# the fused head's loss through dsk.models.ce_kernel on CUDA (a switch for benchmarks' A/B runs)
+# the fused head's loss through dsk.models.ce_kernel on CUDA (switches for benchmarks' A/B runs):
+# the one-pass kernel (gradient = r * p, one read of the logits; 2.06 vs 2.81 ms on an H100, the head
+# 0.85 ms faster a step) or the two-sweep one; fp16 always takes the two sweeps (p = e^(x - x_t) can
+# pass fp16's 65504, while bf16 has fp32's range)
 triton_cross_entropy = True
+cross_entropy_onepass = True
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -450,9 +454,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
     Why not ``F.cross_entropy(head(h))``: that reads the [N, vocab] logits twice from memory
     (the log-softmax in the forward, its gradient in the backward, ~6 ms a step at GPT-2's
     vocabulary on an H100). Here one kernel makes the loss and d loss/d logits of each row
-    (``dsk.models.ce_kernel`` on CUDA: 3.1 ms where the compiled expression below took 4.7; the
-    PyTorch expression elsewhere), the two gradient GEMMs follow at once, and no logits are
-    kept for the backward, which only scales the stored gradients (docs/performance.md).
+    (``dsk.models.ce_kernel`` on CUDA: 2.1 ms in one pass, 2.8 in two sweeps, where the compiled
+    expression below took 4.7; the PyTorch expression elsewhere), the two gradient GEMMs follow at
+    once, and no logits are kept for the backward, which only scales the stored gradients
+    (docs/performance.md). The one-pass kernel returns d loss/d logits as ``r[:, None] * p``: ``r``
+    (one number per row) is applied to the GEMMs' N x D operand and result, never to the N x V matrix.
     Rows are processed in chunks so the intermediates of an eager run stay bounded.
     """
 
@@ -468,6 +474,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
         inv_count = (1.0 / n_valid.float()).reshape(1)
         for start in range(0, h.shape[0], chunk_rows):
             hs, ts, valid = hc[start : start + chunk_rows], targets[start : start + chunk_rows], valid_all[start : start + chunk_rows]
+            if kernel and cross_entropy_onepass and dtype != torch.float16:
+                # d loss/d logits = r * p with r per row: r goes onto the GEMMs' N x D sides
+                rows, p, r = ce_kernel.cross_entropy_rows_onepass(hs @ wc.t(), ts, inv_count, ignore_index)
+                loss = loss + rows.sum()
+                grad_h.append(((p @ wc) * r[:, None]).to(dtype))
+                gw = (p.t() @ (hs * r[:, None]).to(dtype)).float()
+                grad_w = gw if grad_w is None else grad_w + gw
+                continue
             if kernel:  # loss rows and d loss/d logits in one Triton kernel, no fp32 copy of the logits
                 rows, g = ce_kernel.cross_entropy_rows(hs @ wc.t(), ts, inv_count, ignore_index)
                 loss = loss + rows.sum()
