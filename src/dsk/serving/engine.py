@@ -41,6 +41,7 @@ import torch
 
 from dsk.errors import DskError
 from dsk.serving.filter import ContentFilter
+from dsk.serving.graphs import sampling_mode
 from dsk.serving.sampling import BatchSampler, SamplingParams, SequenceSampler
 
 log = logging.getLogger("dsk.serving")
@@ -594,7 +595,11 @@ class TorchBackend:
         return self.runner.launch_prefill(first_row, prompts)
 
     def launch_decode(self, positions: list[int]) -> Any:
-        return self.runner.launch_decode(positions)
+        return self.runner.launch_decode(positions, self._sampling_mode(len(positions)))
+
+    def _sampling_mode(self, n: int) -> str:
+        """The cheapest decode-step sampling that rows 0..n-1 need (greedy, plain or full)."""
+        return sampling_mode(self.sampling.needs(0, n))
 
     def rows(self, start: int, stop: int) -> Any:
         """A view of cache rows start..stop-1 that the model reads and writes in place."""
@@ -633,7 +638,7 @@ class TorchBackend:
     def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
         """One token for each of rows 0..n-1 at its own position; the sampled next tokens."""
         if self.runner is not None:
-            return self.runner.decode(tokens, positions)
+            return self.runner.decode(tokens, positions, self._sampling_mode(len(tokens)))
         n = len(tokens)
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         start = torch.tensor(positions, dtype=torch.long, device=self.device)
