@@ -43,18 +43,20 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     ap.add_argument("--variants", action="store_true", help="time every decode graph variant (CUDA)")
     ap.add_argument("--profile", action="store_true", help="kernel table of one eager decode step per batch size")
+    ap.add_argument("--no-tf32", action="store_true", help="full fp32 matmuls on CUDA (the server uses TF32)")
+    ap.add_argument("--skip-eager", action="store_true", help="skip the model's own forward")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = not args.no_tf32
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     torch.manual_seed(0)
     cfg = ModelConfig.preset(args.preset, vocab_size=1024)
     rows = []
     backends = {}
     reference = Transformer(cfg)
-    for static in (True, False):
+    for static in (True,) if args.skip_eager else (True, False):
         model = Transformer(cfg)
         model.load_state_dict(reference.state_dict())
         model = model.to(args.device).eval()
@@ -91,10 +93,11 @@ def main() -> int:
                              "tokens_per_s": round(b / ms * 1000, 1)})
                 print(f"  batch {b:<3} {'fixed-shape' if static else 'model fwd  '} {kind:<8} "
                       f"{ms:7.2f} ms/step  {b / ms * 1000:9.0f} tok/s", flush=True)
-        same = sum(x == y for x, y in zip(greedy[True], greedy[False]))
-        print(f"  batch {b}: greedy steps identical in {same}/{len(greedy[True])} (TF32 on a GPU may differ)",
-              flush=True)
-    for static in (True, False):
+        if False in greedy:
+            same = sum(x == y for x, y in zip(greedy[True], greedy[False]))
+            print(f"  batch {b}: greedy steps identical in {same}/{len(greedy[True])} (TF32 on a GPU may differ)",
+                  flush=True)
+    for static in backends:
         base = next(r["ms_per_step"] for r in rows if r["static"] is static and r["batch"] == sizes[0]
                     and r["sampling"] == "sampled")
         gains = ", ".join(f"batch {r['batch']} {sizes[0] and r['batch'] * base / r['ms_per_step']:.1f}×"
@@ -164,12 +167,18 @@ def profile_steps(runner, sizes: list[int], top: int = 25) -> dict:
                 total = sum(t for t, _ in kernels.values())
                 count = sum(n for _, n in kernels.values()) / 20
                 rows = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+                # the same time by the aten op that launched it (self device time)
+                ops = sorted(((e.key, e.self_device_time_total / 20, e.count / 20) for e in prof.key_averages()
+                              if e.self_device_time_total > 0), key=lambda o: -o[1])[:top]
                 key = f"batch {b} span {span} {mode}"
                 result[key] = {"kernel_us": round(total, 1), "kernels": count,
-                               "top": [{"name": k, "us": round(t, 2), "per_step": n / 20} for k, (t, n) in rows]}
+                               "top": [{"name": k, "us": round(t, 2), "per_step": n / 20} for k, (t, n) in rows],
+                               "ops": [{"op": k, "us": round(t, 2), "per_step": n} for k, t, n in ops]}
                 print(f"{key}: {count:.0f} kernels, {total:.0f} us of kernel time per step")
                 for k, (t, n) in rows[:12]:
                     print(f"    {t:7.1f} us  x{n / 20:<4.0f} {k}")
+                for k, t, n in ops[:15]:
+                    print(f"    {t:7.1f} us  x{n:<4.0f} op {k}")
     return result
 
 

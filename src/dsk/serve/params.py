@@ -29,6 +29,10 @@ class Params(StageParams):
     overlap: bool = Field(
         True, description="Launch each decode step before reading the last one's tokens, so that text, events and "
                           "HTTP work overlap the device (fixed-shape steps, i.e. CUDA); --no-overlap: one step at a time.")
+    steps_ahead: int = Field(
+        2, ge=1, le=8, description="With --overlap: decode steps launched ahead of the one whose tokens the host is "
+                                   "handling; 2 hides a host stall as long as a step (a stop token then costs its row "
+                                   "one more step).")
     stream_interval_ms: float = Field(
         0.0, ge=0, le=1000, description="A stream sends at most one chunk per this many ms; tokens generated "
                                         "meanwhile go together (the first token and the end at once). 0: a chunk per token.")
