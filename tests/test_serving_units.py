@@ -250,8 +250,6 @@ class ScriptedBackend:
     """An engine backend that answers row r's k-th token from ``script[r]``; with ``overlaps``
     it hands tokens back through a handle, like the CUDA-graph runner's launched steps."""
 
-    engine_backend = True
-
     def __init__(self, scripts: list[list[int]], vocab_size: int, overlaps: bool):
         self.scripts, self.vocab_size, self.max_len = scripts, vocab_size, 4096
         self.device, self.overlaps = torch.device("cpu"), overlaps
