@@ -38,8 +38,7 @@ def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
     content_filter = ContentFilter.load(params.blocklist) if params.blocklist else None
     engine, codec = load_engine(art.path, backend=params.backend, device=params.device,
                                 max_batch_size=params.max_batch_size, max_queue=params.max_queue,
-                                content_filter=content_filter, overlap=params.overlap,
-                                steps_ahead=params.steps_ahead)
+                                content_filter=content_filter, overlap=params.overlap)
     config = ServerConfig(
         model_name=params.model_name or art.id,
         aliases=tuple(dict.fromkeys([art.id, "dsk"])),

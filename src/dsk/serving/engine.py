@@ -182,7 +182,6 @@ class Engine:
         device: str | torch.device | None = None,
         static: bool | None = None,
         overlap: bool | None = None,
-        steps_ahead: int = 2,
     ):
         if max_batch_size < 1:
             raise DskError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -192,12 +191,6 @@ class Engine:
         # read): the host handles step k-1's tokens while the device runs step k
         can_overlap = bool(getattr(self.backend, "overlaps", False))
         self.overlap = can_overlap if overlap is None else (overlap and can_overlap)
-        if steps_ahead < 1:
-            raise DskError(f"steps_ahead must be >= 1, got {steps_ahead}")
-        # launched steps whose tokens are not read yet while the host handles older tokens: with
-        # more than one, a host stall (the HTTP thread holding the GIL) as long as a device step
-        # still leaves the device a queued step
-        self.steps_ahead = steps_ahead
         self._inflight: deque[tuple[list[Choice], Any]] = deque()
         self.codec = codec
         self.max_len = self.backend.max_len
@@ -423,7 +416,7 @@ class Engine:
             for c in running:
                 c.pos += 1
             self._launched(list(running), pending)
-            self._collect(keep=self.steps_ahead)  # older steps' tokens, while the newer ones run
+            self._collect(keep=1)  # the previous step's tokens, while this one runs
             return
         started = time.perf_counter()
         tokens = self.backend.decode([c.out_ids[-1] for c in running], [c.pos for c in running])

@@ -34,7 +34,6 @@ def load_engine(
     content_filter: ContentFilter | None = None,
     static: bool | None = None,
     overlap: bool | None = None,
-    steps_ahead: int = 2,
 ) -> tuple[Any, Any]:
     """(engine, codec) for a model artifact; the engine is not started yet.
 
@@ -42,8 +41,7 @@ def load_engine(
     ``model.safetensors``) is served by the ONNX backend whatever ``backend`` says.
     ``static`` picks the torch backend's fixed-shape steps (CUDA graphs on CUDA); None: on CUDA only.
     ``overlap``: launch each step before reading the last one's tokens where the backend can
-    (fixed-shape steps); None or True: wherever it can, False: never. ``steps_ahead``: overlapped
-    steps launched ahead of the one whose tokens the host is handling.
+    (fixed-shape steps); None or True: wherever it can, False: never.
     """
     from dsk.serving.engine import Engine, OnnxBackend
     from dsk.serving.text import TextCodec
@@ -83,6 +81,5 @@ def load_engine(
         torch.backends.cudnn.allow_tf32 = True
     codec = TextCodec.from_artifact(path)
     engine = Engine(model, codec, max_batch_size=max_batch_size, max_queue=max_queue,
-                    content_filter=content_filter, device=device, static=static, overlap=overlap,
-                    steps_ahead=steps_ahead)
+                    content_filter=content_filter, device=device, static=static, overlap=overlap)
     return engine, codec
