@@ -409,3 +409,33 @@ def test_decode_variants_give_the_same_tokens(kinds):
             assert a == b, step
             positions = [p + 1 for p in positions]
     assert spans == {64, 128}
+
+
+def test_launched_steps_beyond_the_host_ring_read_the_right_tokens():
+    """More launched steps than the runner's ring of host buffers, read only at the end: each
+    handle still gives its own step's tokens (a reused slot's handle reads its tokens first)."""
+    from dsk.models import ModelConfig, Transformer
+    from dsk.serving.engine import TorchBackend
+    from dsk.serving.graphs import RING
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    models = [Transformer(cfg).eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    a, b = (TorchBackend(m, 2, "cpu", static=True) for m in models)
+    prompts = [[1, 2, 3], [4, 5]]
+    for backend in (a, b):
+        for r, p in enumerate(prompts):
+            backend.set_row(r, SequenceSampler(SamplingParams(temperature=0.9, seed=r), p, 64))
+    with torch.no_grad():
+        first = a.prefill(0, prompts)
+        assert b.runner.launch_prefill(0, prompts).result() == first
+        positions = [3, 2]
+        expected, handles = [first], []
+        tokens = first
+        for _ in range(RING + 3):
+            tokens = a.decode(tokens, positions)
+            expected.append(tokens)
+            handles.append(b.runner.launch_decode(positions, "plain"))
+            positions = [p + 1 for p in positions]
+    assert [first] + [h.result() for h in handles] == expected

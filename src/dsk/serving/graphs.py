@@ -47,6 +47,7 @@ from dsk.serving.sampling import BatchSampler, observe_rows, sample_rows, upload
 log = logging.getLogger("dsk.serving")
 
 PREFILL_WIDTHS = (16, 32, 64, 128, 256, 512)  # prompt-width buckets (then multiples of 512)
+RING = 8  # slots of host buffers for launched steps (the engine keeps at most 3 steps in flight)
 KV_MIN = 64  # the shortest attention span of a decode step (then doubling up to the context)
 
 # what a decode step's sampling computes (see sample_rows' flags): "greedy" (argmax only),
@@ -134,6 +135,16 @@ class StaticRunner:
         # launched before the host has read the previous one's tokens (moved with its row)
         self.next_tok = torch.zeros(max_batch_size + 1, dtype=torch.long, device=dev)
         self.pinned = self.device.type == "cuda"
+        # a ring of host buffers (pinned on CUDA) for each launched step's positions and tokens,
+        # allocated once: a step then makes few torch calls, each of which releases the GIL and
+        # may have to wait for the HTTP thread to hand it back
+        self._pos_host = torch.zeros(RING, max_batch_size, dtype=torch.long, pin_memory=self.pinned)
+        self._tok_host = torch.zeros(RING, max_batch_size, dtype=torch.long, pin_memory=self.pinned)
+        self._pos_np, self._tok_np = self._pos_host.numpy(), self._tok_host.numpy()
+        self._pos_rows, self._tok_rows = list(self._pos_host.unbind(0)), list(self._tok_host.unbind(0))
+        self._events = [torch.cuda.Event() for _ in range(RING)] if self.pinned else []
+        self._holders: list[PendingTokens | None] = [None] * RING  # the unread handle of each slot
+        self._slot = 0
         # MoE experts as two wide matrices: [w1; w3] of every expert stacked, and w2 side by side
         self.moe: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, block in enumerate(model.layers):
@@ -168,48 +179,62 @@ class StaticRunner:
         ``mode``: a key of SAMPLING_MODES that covers what the rows need (``sampling_mode``)."""
         n = len(tokens)
         self._to_device(torch.tensor(tokens, dtype=torch.long), self.next_tok[:n])
-        return self._decode_launch(positions, mode).tolist()
+        return self.launch_decode(positions, mode).result()
 
     @torch.inference_mode()
     def launch_decode(self, positions: list[int], mode: str = "full") -> "PendingTokens":
         """Launch one decode step of rows 0..n-1 on each row's last sampled token (already on the
         device); the new tokens come later from the returned handle."""
-        return self._pending(self._decode_launch(positions, mode))
+        n = len(positions)
+        variant = self.decode_variant(positions, mode)
+        slot = self._claim()
+        # the whole row of the slot goes over: rows n.. are padding, and any position is fine there
+        self._pos_np[slot, :n] = positions
+        self.pos_in.copy_(self._pos_rows[slot], non_blocking=self.pinned)
+        if self.graphs:
+            self._decode_graphs[variant].replay()
+        else:
+            self._decode_body(*variant)
+        self._tok_rows[slot].copy_(self.tok_out, non_blocking=self.pinned)
+        return self._pending(slot, n)
 
     def decode_variant(self, positions: list[int], mode: str) -> tuple[int, int, str]:
         """(rows bucket, attention span, sampling mode) of the step for rows at ``positions``."""
         return (bucket_for(len(positions), self.decode_sizes), bucket_for(max(positions) + 1, self.kv_sizes), mode)
 
-    def _decode_launch(self, positions: list[int], mode: str) -> torch.Tensor:
-        n = len(positions)
-        variant = self.decode_variant(positions, mode)
-        self._to_device(torch.tensor(positions, dtype=torch.long), self.pos_in[:n])
-        if self.graphs:
-            self._decode_graphs[variant].replay()
-        else:
-            self._decode_body(*variant)
-        return self.tok_out[:n]
-
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
         """Right-padded prompts into rows first_row..; the first sampled token of each."""
-        return self._prefill_launch(first_row, prompts).tolist()
+        return self.launch_prefill(first_row, prompts).result()
 
     @torch.inference_mode()
     def launch_prefill(self, first_row: int, prompts: list[list[int]]) -> "PendingTokens":
-        return self._pending(self._prefill_launch(first_row, prompts))
+        out = self._prefill_launch(first_row, prompts)
+        slot = self._claim()
+        self._tok_rows[slot][: len(out)].copy_(out, non_blocking=self.pinned)
+        return self._pending(slot, len(out))
 
     def move_row(self, src: int, dst: int) -> None:
         self.next_tok[dst] = self.next_tok[src]
 
-    def _pending(self, tokens: torch.Tensor) -> "PendingTokens":
-        if not self.pinned:
-            return PendingTokens(tokens.tolist(), None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return PendingTokens(host, event)
+    def _claim(self) -> int:
+        """The next ring slot, once the step that used it last has been read (always the case
+        while fewer than RING steps are in flight; otherwise that handle reads its tokens now)."""
+        slot = self._slot
+        self._slot = (slot + 1) % RING
+        holder = self._holders[slot]
+        if holder is not None:
+            holder.result()
+        return slot
+
+    def _pending(self, slot: int, n: int) -> "PendingTokens":
+        """The handle for the first ``n`` tokens copied into ring slot ``slot``."""
+        event = None
+        if self._events:
+            event = self._events[slot]
+            event.record()
+        handle = self._holders[slot] = PendingTokens(self, slot, n, event)
+        return handle
 
     def _to_device(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         return upload(t, torch.empty_like(t, device=self.device) if out is None else out)
@@ -400,14 +425,17 @@ class StaticRunner:
 
 
 class PendingTokens:
-    """Tokens of a launched step: a pinned host copy and the event that says it has landed."""
+    """Tokens of a launched step: a slot of the runner's (pinned) host ring and the event that
+    says the copy into it has landed (None on the CPU, where the copy already has)."""
 
-    def __init__(self, host: Any, event: Any):
-        self.host, self.event = host, event
+    def __init__(self, runner: StaticRunner, slot: int, n: int, event: Any):
+        self.runner, self.slot, self.n, self.event = runner, slot, n, event
+        self.tokens: list[int] | None = None
 
     def result(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()  # releases the GIL while it waits
-            self.event = None
-            self.host = self.host.tolist()
-        return self.host
+        if self.tokens is None:
+            if self.event is not None:
+                self.event.synchronize()  # releases the GIL while it waits
+            self.tokens = self.runner._tok_np[self.slot, : self.n].tolist()
+            self.runner._holders[self.slot] = None
+        return self.tokens
