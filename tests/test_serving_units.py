@@ -439,3 +439,17 @@ def test_launched_steps_beyond_the_host_ring_read_the_right_tokens():
             handles.append(b.runner.launch_decode(positions, "plain"))
             positions = [p + 1 for p in positions]
     assert [first] + [h.result() for h in handles] == expected
+
+
+def test_sse_json_has_no_line_breaks_any_client_could_split_on():
+    """A generated text with NEL, LINE SEPARATOR or PARAGRAPH SEPARATOR (which str.splitlines,
+    and so httpx's aiter_lines, treat as line ends) stays on one SSE data line and decodes back."""
+    import json
+
+    from dsk.serving.app import sse_json
+
+    text = "a\x85b\u2028c\u2029d\x1ce\nf — é 日本"
+    line = sse_json({"content": text})
+    assert len(f"data: {line}".splitlines()) == 1
+    assert json.loads(line) == {"content": text}
+    assert "é 日本" in line  # other text stays raw UTF-8

@@ -389,7 +389,7 @@ def create_app(
                                        "choices": choices, "system_fingerprint": None}
             if include_usage:
                 payload["usage"] = usage
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            return f"data: {sse_json(payload)}\n\n"
 
         def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
             if kind == "completion":
@@ -412,7 +412,7 @@ def create_app(
             if t is None:
                 head, _, tail = chunk([choice(index, marker, None)]).partition(marker_json)
                 t = templates[index] = (head, tail)
-            return t[0] + json.dumps(text, ensure_ascii=False) + t[1]
+            return t[0] + sse_json(text) + t[1]
 
         first = None
         outputs = [""] * n
@@ -624,6 +624,17 @@ def create_app(
     app.add_middleware(AuditMiddleware, audit=audit, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     return app
+
+
+# characters that JSON leaves raw (with ensure_ascii=False) but that line splitters such as
+# str.splitlines (httpx's aiter_lines) break an SSE data line at: escaped, as JSON allows
+_SSE_UNSAFE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(value: Any) -> str:
+    """``value`` as JSON for one SSE data line: UTF-8 text stays raw, but no character that any
+    client could take for a line break (control characters are escaped by json already)."""
+    return json.dumps(value, ensure_ascii=False).translate(_SSE_UNSAFE)
 
 
 class LoopBridge:
