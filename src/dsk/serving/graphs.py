@@ -20,12 +20,12 @@ up to the context: a chat of 100 tokens reads 128 cache positions per row, not t
 context) × sampling mode (greedy / plain temperature / everything: the sort for top-k/top-p and
 the penalties only when a running row asks for them). Every variant computes the same tokens;
 the masked positions past the span and the skipped sampling parts are identities. On CUDA each
-decode variant is captured once as a CUDA graph at start, and each prefill shape (rows bucket × prompt-width bucket) the first
-time it is needed; a step is then a few small copies, one graph replay and one read of the new
-tokens (the step's only host sync). Each row's last sampled token stays on the device as the next
-step's input (``next_tok``), so :meth:`StaticRunner.launch_decode` can launch a step before the
-host has read the previous one's tokens, which come back later through a pinned copy and an
-event. On the CPU the same functions run eagerly (the tests check them against the model's own
+decode variant is captured once as a CUDA graph at start, and each prefill shape (rows bucket ×
+prompt-width bucket) the first time it is needed; a step is then a few small copies, one graph
+replay and one read of the new tokens (the step's only host sync). Each row's last sampled token
+stays on the device as the next step's input (``next_tok``), so :meth:`StaticRunner.launch_decode`
+can launch a step before the host has read the previous one's tokens, which come back later
+through a ring of pinned host buffers and an event per slot. On the CPU the same functions run eagerly (the tests check them against the model's own
 forward there).
 
     >>> runner = StaticRunner(model, cache, sampling, max_batch_size=16)   # cache has 17 rows
