@@ -36,7 +36,6 @@ SAMPLE = HERE.parent / "data" / "sample" / "tinyshakespeare.txt"
 VARIANTS = {
     "overlap": [],
     "sync": ["--no-overlap"],
-    "stream-5ms": ["--stream-interval-ms", "5"],
     "overlap-h11": ["--http", "h11", "--loop", "asyncio"],
     "overlap-si": ["--switch-interval", "0.0005"],
     "overlap-prof": ["--profile", "/tmp/serve_proxy_profile.txt"],
@@ -61,8 +60,6 @@ class SimulatedDevice:
     ``launch_us`` (Python work holding the GIL, like pinned copies and a graph replay). Each row
     reads the sample text's token ids from its own offset, so the output is real text.
     """
-
-    engine_backend = True
 
     def __init__(self, corpus: list[int], vocab_size: int, max_len: int, max_batch_size: int, *,
                  step_ms: float, row_ms: float, prefill_ms: float, launch_us: float, overlaps: bool):
@@ -133,8 +130,7 @@ def serve(args: argparse.Namespace) -> None:
                               row_ms=args.row_ms, prefill_ms=args.prefill_ms, launch_us=args.launch_us,
                               overlaps=not args.no_overlap)
     engine = Engine(backend, codec, max_batch_size=args.max_batch_size, max_queue=10000)
-    app = create_app(engine, codec, ServerConfig(model_name="proxy", request_timeout_s=3600,
-                                                    stream_interval_s=args.stream_interval_ms / 1000))
+    app = create_app(engine, codec, ServerConfig(model_name="proxy", request_timeout_s=3600))
     import uvicorn
 
     if args.profile:
@@ -219,7 +215,6 @@ def main() -> int:
     sv.add_argument("--http", default="auto")
     sv.add_argument("--loop", default="auto")
     sv.add_argument("--switch-interval", type=float, default=0.0)
-    sv.add_argument("--stream-interval-ms", type=float, default=0.0)
     sv.add_argument("--profile", default=None, help="sample every thread's Python stack into this file")
     for p in (ap, sv):
         p.add_argument("--step-ms", type=float, default=0.95, help="a batch-1 decode step (H100 small: ~0.95)")

@@ -695,20 +695,3 @@ def test_overlapped_static_steps_give_the_same_tokens(model_dir):
     assert [c.token_ids for c in over] == [c.token_ids for c in sync]
     assert [c.text for c in over] == [c.text for c in sync]
     assert [len(c.token_ids) for c in over] == [3, 11, 7, 1, 9, 12]
-
-
-def test_stream_interval_gathers_tokens_but_not_the_first(model_dir):
-    """With a long --stream-interval-ms a stream sends the first token at once and the rest in
-    fewer, larger chunks; the text is exactly the non-streamed one."""
-    with serving(model_dir, stream_interval_s=0.25) as s:
-        body = {"model": MODEL, "prompt": "ROMEO:", "max_tokens": 24, "temperature": 0.9, "seed": 3,
-                "ignore_eos": True, **LONG}
-        full = httpx.post(s.url + "/v1/completions", json=body, headers=headers(), timeout=60).json()
-        with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, headers=headers(),
-                          timeout=60) as resp:
-            data = sse_lines(resp)
-    texts = [json.loads(d)["choices"][0]["text"] for d in data[:-1] if json.loads(d)["choices"]]
-    assert "".join(texts) == full["choices"][0]["text"]
-    nonempty = [t for t in texts if t]
-    assert 1 < len(nonempty) < 24
-    assert len(s.codec.encode(nonempty[0])) <= 2  # the first token was not held back

@@ -250,8 +250,6 @@ class ScriptedBackend:
     """An engine backend that answers row r's k-th token from ``script[r]``; with ``overlaps``
     it hands tokens back through a handle, like the CUDA-graph runner's launched steps."""
 
-    engine_backend = True
-
     def __init__(self, scripts: list[list[int]], vocab_size: int, overlaps: bool):
         self.scripts, self.vocab_size, self.max_len = scripts, vocab_size, 4096
         self.device, self.overlaps = torch.device("cpu"), overlaps
@@ -370,3 +368,88 @@ def test_overlapped_steps_stream_the_same_and_stop_the_same(byte_codec):
     one, b1 = _run_scripted(codec, scripts[:1], params[:1], overlaps=True)
     _, b0 = _run_scripted(codec, scripts[:1], params[:1], overlaps=False)
     assert len(b1.launches) == len(b0.launches) == len(text_ids)
+
+
+@pytest.mark.parametrize("kinds", [
+    [dict(temperature=0.0)] * 3,  # greedy steps
+    [dict(temperature=0.9, seed=1), dict(temperature=0.0), dict(temperature=1.3, seed=2)],  # plain sampling
+    [dict(temperature=0.8, top_p=0.9, seed=3), dict(temperature=0.0, repetition_penalty=1.3),
+     dict(temperature=1.0, seed=4, frequency_penalty=0.5)],  # the sort and the penalties
+], ids=["greedy", "plain", "full"])
+def test_decode_variants_give_the_same_tokens(kinds):
+    """A decode step over the running rows' attention span only (rounded up to 64, 128, ...), with
+    only the sampling its rows need, samples exactly what the full-context, full-sampling step
+    does, also across a span boundary (positions 60 → 75 cross 64)."""
+    from dsk.models import ModelConfig, Transformer
+    from dsk.serving.engine import TorchBackend
+    from dsk.serving.graphs import SAMPLING_MODES
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    models = [Transformer(cfg).eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    fast, full = (TorchBackend(m, 4, "cpu", static=True) for m in models)
+    assert fast.runner.kv_sizes == [64, 128, 256]
+    # the reference: every step over the whole context with every sampling part
+    full.runner.decode_variant = lambda positions, mode: (4, cfg.max_seq_len, "full")
+    prompts = [list(range(1, 61)), [7, 8], list(range(5, 45))]
+    for backend in (fast, full):
+        for r, (p, kw) in enumerate(zip(prompts, kinds)):
+            backend.set_row(r, SequenceSampler(SamplingParams(**kw), p, 64))
+    expected = "greedy" if kinds[0]["temperature"] == 0.0 else "plain" if len(kinds[0]) == 2 else "full"
+    assert fast._sampling_mode(3) == expected and set(SAMPLING_MODES) == {"greedy", "plain", "full"}
+    with torch.no_grad():
+        a, b = fast.prefill(0, prompts), full.prefill(0, prompts)
+        assert a == b
+        positions = [len(p) for p in prompts]
+        spans = set()
+        for step in range(16):
+            spans.add(fast.runner.decode_variant(positions, expected)[1])
+            a, b = fast.decode(a, positions), full.decode(b, positions)
+            assert a == b, step
+            positions = [p + 1 for p in positions]
+    assert spans == {64, 128}
+
+
+def test_launched_steps_beyond_the_host_ring_read_the_right_tokens():
+    """More launched steps than the runner's ring of host buffers, read only at the end: each
+    handle still gives its own step's tokens (a reused slot's handle reads its tokens first)."""
+    from dsk.models import ModelConfig, Transformer
+    from dsk.serving.engine import TorchBackend
+    from dsk.serving.graphs import RING
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64)
+    models = [Transformer(cfg).eval() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    a, b = (TorchBackend(m, 2, "cpu", static=True) for m in models)
+    prompts = [[1, 2, 3], [4, 5]]
+    for backend in (a, b):
+        for r, p in enumerate(prompts):
+            backend.set_row(r, SequenceSampler(SamplingParams(temperature=0.9, seed=r), p, 64))
+    with torch.no_grad():
+        first = a.prefill(0, prompts)
+        assert b.runner.launch_prefill(0, prompts).result() == first
+        positions = [3, 2]
+        expected, handles = [first], []
+        tokens = first
+        for _ in range(RING + 3):
+            tokens = a.decode(tokens, positions)
+            expected.append(tokens)
+            handles.append(b.runner.launch_decode(positions, "plain"))
+            positions = [p + 1 for p in positions]
+    assert [first] + [h.result() for h in handles] == expected
+
+
+def test_sse_json_has_no_line_breaks_any_client_could_split_on():
+    """A generated text with NEL, LINE SEPARATOR or PARAGRAPH SEPARATOR (which str.splitlines,
+    and so httpx's aiter_lines, treat as line ends) stays on one SSE data line and decodes back."""
+    import json
+
+    from dsk.serving.app import sse_json
+
+    text = "a\x85b\u2028c\u2029d\x1ce\nf — é 日本"
+    line = sse_json({"content": text})
+    assert len(f"data: {line}".splitlines()) == 1
+    assert json.loads(line) == {"content": text}
+    assert "é 日本" in line  # other text stays raw UTF-8

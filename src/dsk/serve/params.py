@@ -29,9 +29,6 @@ class Params(StageParams):
     overlap: bool = Field(
         True, description="Launch each decode step before reading the last one's tokens, so that text, events and "
                           "HTTP work overlap the device (fixed-shape steps, i.e. CUDA); --no-overlap: one step at a time.")
-    stream_interval_ms: float = Field(
-        0.0, ge=0, le=1000, description="A stream sends at most one chunk per this many ms; tokens generated "
-                                        "meanwhile go together (the first token and the end at once). 0: a chunk per token.")
     max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot (beyond the free ones) before new ones get 429.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is ended (504).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 above).")

@@ -44,7 +44,6 @@ def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
         aliases=tuple(dict.fromkeys([art.id, "dsk"])),
         api_keys=tuple(api_keys),
         request_timeout_s=params.request_timeout_s,
-        stream_interval_s=params.stream_interval_ms / 1000,
         max_body_bytes=params.max_body_bytes,
         job_ttl_s=params.job_ttl_s,
     )

@@ -160,10 +160,6 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     job_ttl_s: float = 600.0
     max_jobs: int = 1000
-    # a stream sends at most one chunk per this many seconds: tokens generated meanwhile go in
-    # one chunk (the first token and the end go at once); 0 sends a chunk per token. Off by
-    # default: 5 ms halved the load generator's CPU on an H100 but did not raise throughput
-    stream_interval_s: float = 0.0
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -292,7 +288,7 @@ def create_app(
             raise ApiError(400, str(exc), param=name, code="context_length_exceeded" if "context" in str(exc) else None) from None
 
     def async_queue() -> tuple[asyncio.Queue[Event], Callable[[Event], None]]:
-        events = EventQueue()
+        events: asyncio.Queue[Event] = asyncio.Queue()
         return events, bridge(events.put_nowait)
 
     bridges: dict[int, LoopBridge] = {}
@@ -393,7 +389,7 @@ def create_app(
                                        "choices": choices, "system_fingerprint": None}
             if include_usage:
                 payload["usage"] = usage
-            return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+            return f"data: {sse_json(payload)}\n\n"
 
         def choice(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
             if kind == "completion":
@@ -416,10 +412,9 @@ def create_app(
             if t is None:
                 head, _, tail = chunk([choice(index, marker, None)]).partition(marker_json)
                 t = templates[index] = (head, tail)
-            return t[0] + json.dumps(text, ensure_ascii=False) + t[1]
+            return t[0] + sse_json(text) + t[1]
 
         first = None
-        last_send = 0.0
         outputs = [""] * n
         reasons: list[str | None] = [None] * n
         try:
@@ -431,13 +426,6 @@ def create_app(
                 # choice in one chunk: a stream that fell behind the engine catches up with fewer,
                 # larger sends instead of one send (and one JSON chunk) per token
                 batch = [await events.get()]
-                if first is not None and config.stream_interval_s > 0:
-                    # let this stream's next tokens gather: one chunk (JSON, send, client parse) for
-                    # several tokens instead of one each, so the event loop's work stops growing
-                    # with the token rate and leaves the GIL to the engine thread
-                    wait = last_send + config.stream_interval_s - time.monotonic()
-                    if wait > 0:
-                        await events.nap(wait)  # cut short by the end of the request
                 while not events.empty():
                     batch.append(events.get_nowait())
                 pending: list[str] = []
@@ -485,7 +473,6 @@ def create_app(
                     pending.append("data: [DONE]\n\n")
                 if pending:
                     yield "".join(pending).encode()
-                    last_send = time.monotonic()
             metrics.latency.labels(endpoint).observe(time.monotonic() - started)
         finally:
             # also reached when the client disconnects mid-stream: free the slot at once
@@ -639,29 +626,15 @@ def create_app(
     return app
 
 
-class EventQueue(asyncio.Queue):
-    """A request's events on the event loop; :meth:`nap` waits a while for more of them, but no
-    longer than until an event that ends a choice or the request arrives (so that a gathering
-    stream never delays the end of a request, and with it the client's next one)."""
+# characters that JSON leaves raw (with ensure_ascii=False) but that line splitters such as
+# str.splitlines (httpx's aiter_lines) break an SSE data line at: escaped, as JSON allows
+_SSE_UNSAFE = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
-    _waker: "asyncio.Future[None] | None" = None
 
-    def put_nowait(self, item: Event) -> None:
-        super().put_nowait(item)
-        if item.kind != "delta" and self._waker is not None and not self._waker.done():
-            self._waker.set_result(None)
-
-    async def nap(self, seconds: float) -> None:
-        if any(ev.kind != "delta" for ev in self._queue):  # type: ignore[attr-defined]
-            return
-        loop = asyncio.get_running_loop()
-        self._waker = waker = loop.create_future()
-        timer = loop.call_later(seconds, lambda: waker.done() or waker.set_result(None))
-        try:
-            await waker
-        finally:
-            timer.cancel()
-            self._waker = None
+def sse_json(value: Any) -> str:
+    """``value`` as JSON for one SSE data line: UTF-8 text stays raw, but no character that any
+    client could take for a line break (control characters are escaped by json already)."""
+    return json.dumps(value, ensure_ascii=False).translate(_SSE_UNSAFE)
 
 
 class LoopBridge:

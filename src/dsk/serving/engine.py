@@ -35,12 +35,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 
 from dsk.errors import DskError
 from dsk.serving.filter import ContentFilter
+from dsk.serving.graphs import sampling_mode
 from dsk.serving.sampling import BatchSampler, SamplingParams, SequenceSampler
 
 log = logging.getLogger("dsk.serving")
@@ -67,6 +68,29 @@ class Codec(Protocol):
     stop_ids: frozenset[int]
 
     def decode(self, ids: list[int]) -> str: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the engine steps: rows 0..n-1 of a batch, each with its own sampler and position.
+
+    :class:`TorchBackend` and :class:`OnnxBackend` are backends; an :class:`Engine` given anything
+    else (a dsk Transformer) wraps it in a TorchBackend. A backend that can launch a step before
+    the previous one's tokens are read also has ``overlaps = True``, ``launch_prefill`` and
+    ``launch_decode`` (returning handles whose ``result()`` gives the tokens).
+    """
+
+    max_len: int
+    vocab_size: int
+    device: Any
+
+    def set_row(self, row: int, sampler: SequenceSampler) -> None: ...
+
+    def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]: ...
+
+    def decode(self, tokens: list[int], positions: list[int]) -> list[int]: ...
+
+    def move_row(self, src: int, dst: int, length: int) -> None: ...
 
 
 @dataclass
@@ -161,7 +185,7 @@ class Engine:
     ):
         if max_batch_size < 1:
             raise DskError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.backend = (model if isinstance(model, OnnxBackend) or getattr(model, "engine_backend", False)
+        self.backend = (model if isinstance(model, Backend)
                         else TorchBackend(model, max_batch_size, device, static=static))
         # overlapped steps (backends that can launch a step before the last one's tokens are
         # read): the host handles step k-1's tokens while the device runs step k
@@ -594,7 +618,11 @@ class TorchBackend:
         return self.runner.launch_prefill(first_row, prompts)
 
     def launch_decode(self, positions: list[int]) -> Any:
-        return self.runner.launch_decode(positions)
+        return self.runner.launch_decode(positions, self._sampling_mode(len(positions)))
+
+    def _sampling_mode(self, n: int) -> str:
+        """The cheapest decode-step sampling that rows 0..n-1 need (greedy, plain or full)."""
+        return sampling_mode(self.sampling.needs(0, n))
 
     def rows(self, start: int, stop: int) -> Any:
         """A view of cache rows start..stop-1 that the model reads and writes in place."""
@@ -633,7 +661,7 @@ class TorchBackend:
     def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
         """One token for each of rows 0..n-1 at its own position; the sampled next tokens."""
         if self.runner is not None:
-            return self.runner.decode(tokens, positions)
+            return self.runner.decode(tokens, positions, self._sampling_mode(len(tokens)))
         n = len(tokens)
         idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         start = torch.tensor(positions, dtype=torch.long, device=self.device)

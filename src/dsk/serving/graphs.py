@@ -14,13 +14,18 @@ that it has fixed shapes and never reads a device value on the host:
 - sampling (penalties, temperature, top-k/top-p, each row's own settings) is
   :func:`dsk.serving.sampling.sample_rows`, inside the same step.
 
-On CUDA each decode batch size bucket (1, 2, 4, ... up to ``max_batch_size``) is captured once
-as a CUDA graph at start, and each prefill shape (rows bucket × prompt-width bucket) the first
-time it is needed; a step is then a few small copies, one graph replay and one read of the new
-tokens (the step's only host sync). Each row's last sampled token stays on the device as the next
-step's input (``next_tok``), so :meth:`StaticRunner.launch_decode` can launch a step before the
-host has read the previous one's tokens, which come back later through a pinned copy and an
-event. On the CPU the same functions run eagerly (the tests check them against the model's own
+A decode step comes in variants, chosen per step on the host: rows bucket (1, 2, 4, ... up to
+``max_batch_size``) × attention span (the running rows' longest, rounded up to 64, 128, 256, ...
+up to the context: a chat of 100 tokens reads 128 cache positions per row, not the whole
+context) × sampling mode (greedy / plain temperature / everything: the sort for top-k/top-p and
+the penalties only when a running row asks for them). Every variant computes the same tokens;
+the masked positions past the span and the skipped sampling parts are identities. On CUDA each
+decode variant is captured once as a CUDA graph at start, and each prefill shape (rows bucket ×
+prompt-width bucket) the first time it is needed; a step is then a few small copies, one graph
+replay and one read of the new tokens (the step's only host sync). Each row's last sampled token
+stays on the device as the next step's input (``next_tok``), so :meth:`StaticRunner.launch_decode`
+can launch a step before the host has read the previous one's tokens, which come back later
+through a ring of pinned host buffers and an event per slot. On the CPU the same functions run eagerly (the tests check them against the model's own
 forward there).
 
     >>> runner = StaticRunner(model, cache, sampling, max_batch_size=16)   # cache has 17 rows
@@ -37,11 +42,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsk.serving.sampling import BatchSampler, observe_rows, sample_rows
+from dsk.serving.sampling import BatchSampler, observe_rows, sample_rows, upload
 
 log = logging.getLogger("dsk.serving")
 
 PREFILL_WIDTHS = (16, 32, 64, 128, 256, 512)  # prompt-width buckets (then multiples of 512)
+RING = 8  # slots of host buffers for launched steps (the engine keeps at most 3 steps in flight)
+KV_MIN = 64  # the shortest attention span of a decode step (then doubling up to the context)
+
+# what a decode step's sampling computes (see sample_rows' flags): "greedy" (argmax only),
+# "plain" (temperature + the draw, no sort and no penalties) and "full" (everything)
+SAMPLING_MODES = {"greedy": dict(cut=False, penalties=False, sampled=False),
+                  "plain": dict(cut=False, penalties=False, sampled=True),
+                  "full": dict(cut=True, penalties=True, sampled=True)}
 
 
 def buckets(limit: int) -> list[int]:
@@ -55,6 +68,22 @@ def buckets(limit: int) -> list[int]:
 
 def bucket_for(n: int, sizes: list[int]) -> int:
     return next(b for b in sizes if b >= n)
+
+
+def kv_buckets(max_len: int) -> list[int]:
+    """A decode step's attention spans: 64, 128, 256, ... below ``max_len``, and ``max_len``."""
+    out, n = [], KV_MIN
+    while n < max_len:
+        out.append(n)
+        n *= 2
+    return out + [max_len]
+
+
+def sampling_mode(needs: dict[str, bool]) -> str:
+    """The cheapest of SAMPLING_MODES that computes what the rows need (``BatchSampler.needs``)."""
+    if needs["cut"] or needs["penalties"]:
+        return "full"
+    return "plain" if needs["sampled"] else "greedy"
 
 
 def supports_static(model: nn.Module) -> bool:
@@ -96,19 +125,26 @@ class StaticRunner:
         self.max_len = cache.max_len
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.decode_sizes = buckets(max_batch_size)
+        self.kv_sizes = kv_buckets(self.max_len)
         dev = self.device
         self.keys = torch.arange(self.max_len, device=dev)
         self.row_ids = torch.arange(max_batch_size + 1, device=dev)
-        # a step's inputs (tokens, positions) go in one copy from one host buffer (pinned on CUDA)
-        self.io_host = torch.zeros(2, max_batch_size, dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self.io_np = self.io_host.numpy()
-        self.io_dev = torch.zeros(2, max_batch_size, dtype=torch.long, device=dev)
-        self.tok_in, self.pos_in = self.io_dev[0], self.io_dev[1]
+        self.pos_in = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
         self.tok_out = torch.zeros(max_batch_size, dtype=torch.long, device=dev)
         # each row's last sampled token: the next decode step's input, so that a step can be
         # launched before the host has read the previous one's tokens (moved with its row)
         self.next_tok = torch.zeros(max_batch_size + 1, dtype=torch.long, device=dev)
         self.pinned = self.device.type == "cuda"
+        # a ring of host buffers (pinned on CUDA) for each launched step's positions and tokens,
+        # allocated once: a step then makes few torch calls, each of which releases the GIL and
+        # may have to wait for the HTTP thread to hand it back
+        self._pos_host = torch.zeros(RING, max_batch_size, dtype=torch.long, pin_memory=self.pinned)
+        self._tok_host = torch.zeros(RING, max_batch_size, dtype=torch.long, pin_memory=self.pinned)
+        self._pos_np, self._tok_np = self._pos_host.numpy(), self._tok_host.numpy()
+        self._pos_rows, self._tok_rows = list(self._pos_host.unbind(0)), list(self._tok_host.unbind(0))
+        self._events = [torch.cuda.Event() for _ in range(RING)] if self.pinned else []
+        self._holders: list[PendingTokens | None] = [None] * RING  # the unread handle of each slot
+        self._slot = 0
         # MoE experts as two wide matrices: [w1; w3] of every expert stacked, and w2 side by side
         self.moe: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, block in enumerate(model.layers):
@@ -118,7 +154,7 @@ class StaticRunner:
                 w13 = torch.cat([ex.w1.detach().reshape(E * inter, dim), ex.w3.detach().reshape(E * inter, dim)])
                 w2 = ex.w2.detach().permute(1, 0, 2).reshape(dim, E * inter)  # [D, E*I]
                 self.moe[i] = (w13.contiguous(), w2.contiguous())
-        self._decode_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._decode_graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
         self._prefill_graphs: dict[tuple[int, int], tuple[Any, dict[str, torch.Tensor]]] = {}
         self._pool = None
         self._prefill_failed = False
@@ -138,60 +174,70 @@ class StaticRunner:
 
     # ------------------------------------------------------------------ public steps
     @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int]) -> list[int]:
-        """One token for each of rows 0..n-1 (at its own position); the sampled next tokens."""
+    def decode(self, tokens: list[int], positions: list[int], mode: str = "full") -> list[int]:
+        """One token for each of rows 0..n-1 (at its own position); the sampled next tokens.
+        ``mode``: a key of SAMPLING_MODES that covers what the rows need (``sampling_mode``)."""
         n = len(tokens)
-        self.io_np[0, :n] = tokens
-        self.next_tok[:n].copy_(self.io_host[0, :n], non_blocking=True)
-        return self._decode_launch(positions).tolist()
+        self._to_device(torch.tensor(tokens, dtype=torch.long), self.next_tok[:n])
+        return self.launch_decode(positions, mode).result()
 
     @torch.inference_mode()
-    def launch_decode(self, positions: list[int]) -> "PendingTokens":
+    def launch_decode(self, positions: list[int], mode: str = "full") -> "PendingTokens":
         """Launch one decode step of rows 0..n-1 on each row's last sampled token (already on the
         device); the new tokens come later from the returned handle."""
-        return self._pending(self._decode_launch(positions))
-
-    def _decode_launch(self, positions: list[int]) -> torch.Tensor:
         n = len(positions)
-        b = bucket_for(n, self.decode_sizes)
-        # a fresh pinned buffer per step (the caching host allocator keeps it until the copy has
-        # run), so writing the next step's inputs never races an earlier step's copy
-        pos = torch.tensor(positions, dtype=torch.long)
-        self.pos_in[:n].copy_(pos.pin_memory() if self.pinned else pos, non_blocking=True)
+        variant = self.decode_variant(positions, mode)
+        slot = self._claim()
+        # the whole row of the slot goes over: rows n.. are padding, and any position is fine there
+        self._pos_np[slot, :n] = positions
+        self.pos_in.copy_(self._pos_rows[slot], non_blocking=self.pinned)
         if self.graphs:
-            self._decode_graphs[b].replay()
+            self._decode_graphs[variant].replay()
         else:
-            self._decode_body(b)
-        return self.tok_out[:n]
+            self._decode_body(*variant)
+        self._tok_rows[slot].copy_(self.tok_out, non_blocking=self.pinned)
+        return self._pending(slot, n)
+
+    def decode_variant(self, positions: list[int], mode: str) -> tuple[int, int, str]:
+        """(rows bucket, attention span, sampling mode) of the step for rows at ``positions``."""
+        return (bucket_for(len(positions), self.decode_sizes), bucket_for(max(positions) + 1, self.kv_sizes), mode)
 
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]]) -> list[int]:
         """Right-padded prompts into rows first_row..; the first sampled token of each."""
-        return self._prefill_launch(first_row, prompts).tolist()
+        return self.launch_prefill(first_row, prompts).result()
 
     @torch.inference_mode()
     def launch_prefill(self, first_row: int, prompts: list[list[int]]) -> "PendingTokens":
-        return self._pending(self._prefill_launch(first_row, prompts))
+        out = self._prefill_launch(first_row, prompts)
+        slot = self._claim()
+        self._tok_rows[slot][: len(out)].copy_(out, non_blocking=self.pinned)
+        return self._pending(slot, len(out))
 
     def move_row(self, src: int, dst: int) -> None:
         self.next_tok[dst] = self.next_tok[src]
 
-    def _pending(self, tokens: torch.Tensor) -> "PendingTokens":
-        if not self.pinned:
-            return PendingTokens(tokens.tolist(), None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return PendingTokens(host, event)
+    def _claim(self) -> int:
+        """The next ring slot, once the step that used it last has been read (always the case
+        while fewer than RING steps are in flight; otherwise that handle reads its tokens now)."""
+        slot = self._slot
+        self._slot = (slot + 1) % RING
+        holder = self._holders[slot]
+        if holder is not None:
+            holder.result()
+        return slot
+
+    def _pending(self, slot: int, n: int) -> "PendingTokens":
+        """The handle for the first ``n`` tokens copied into ring slot ``slot``."""
+        event = None
+        if self._events:
+            event = self._events[slot]
+            event.record()
+        handle = self._holders[slot] = PendingTokens(self, slot, n, event)
+        return handle
 
     def _to_device(self, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """A host tensor onto the device without a stream sync (pinned, non-blocking on CUDA)."""
-        if self.pinned:
-            t = t.pin_memory()
-        if out is None:
-            return t.to(self.device, non_blocking=True)
-        return out.copy_(t, non_blocking=True)
+        return upload(t, torch.empty_like(t, device=self.device) if out is None else out)
 
     def _prefill_launch(self, first_row: int, prompts: list[list[int]]) -> torch.Tensor:
         k = len(prompts)
@@ -243,11 +289,14 @@ class StaticRunner:
 
     @torch.inference_mode()
     def _capture_decode(self) -> None:
-        """Every decode bucket, at start: the warm-up runs write junk into free rows only."""
+        """Every decode variant, at start: the warm-up runs write junk into free rows only."""
         self.next_tok.zero_()
         self.pos_in.zero_()
         for b in reversed(self.decode_sizes):  # largest first, so the pool fits all
-            self._decode_graphs[b] = self._capture(lambda b=b: self._decode_body(b))
+            for span in reversed(self.kv_sizes):
+                for mode in SAMPLING_MODES:
+                    self._decode_graphs[b, span, mode] = self._capture(
+                        lambda b=b, span=span, mode=mode: self._decode_body(b, span, mode))
         # the warm-up steps counted junk tokens; every row's state is set again when it is admitted
         self.sampling.counts.zero_()
         self.sampling.seen.zero_()
@@ -270,21 +319,25 @@ class StaticRunner:
         return self._prefill_graphs[key]
 
     # ------------------------------------------------------------------ the fixed-shape bodies
-    def _decode_body(self, b: int) -> None:
+    def _decode_body(self, b: int, span: int, mode: str = "full") -> None:
+        """Rows 0..b-1, attending over cache positions 0..span-1 (every running row's position
+        is below ``span``; a padding row beyond it writes its junk outside the span and reads
+        nothing that matters), sampling as SAMPLING_MODES[mode] says."""
         m = self.model
         tok, pos = self.next_tok[:b], self.pos_in[:b]
         positions = pos[:, None]
         rows = self.row_ids[:b]
         cos, sin = m.rope_cos[positions], m.rope_sin[positions]
-        visible = (self.keys[None, :] <= positions)[:, None, None, :]  # [b, 1, 1, L]
+        visible = (self.keys[None, :span] <= positions)[:, None, None, :]  # [b, 1, 1, span]
         h = m.embed(tok[:, None])
         for i, block in enumerate(m.layers):
             layer_cache = {name: t[:b] for name, t in self.cache.layers[i].items()}
-            h = h + self._attend_cached(block.attn, block.attn_norm(h), cos, sin, positions, rows, layer_cache, visible)
+            h = h + self._attend_cached(block.attn, block.attn_norm(h), cos, sin, positions, rows, layer_cache,
+                                        visible, span)
             h = h + self._ffn(i, block.ffn, block.ffn_norm(h))
         logits = m.logits_of(h[:, -1])
         s = self.sampling
-        tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.seed_step[:b])
+        tokens = sample_rows(logits, s.params[:b], s.counts[:b], s.seen[:b], s.seed_step[:b], **SAMPLING_MODES[mode])
         observe_rows(s.counts, s.seen, s.seed_step, rows, tokens)
         self.tok_out[:b].copy_(tokens)
         self.next_tok[:b].copy_(tokens)
@@ -307,18 +360,19 @@ class StaticRunner:
 
     # ------------------------------------------------------------------ layers
     def _attend_cached(self, attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       positions: torch.Tensor, rows: torch.Tensor, layer_cache: dict, visible: torch.Tensor):
+                       positions: torch.Tensor, rows: torch.Tensor, layer_cache: dict, visible: torch.Tensor,
+                       span: int):
         from dsk.models.model import MLA, _write
         from dsk.serving.fast_mla import absorbed_step
 
         if isinstance(attn, MLA):
-            return absorbed_step(attn, x, cos, sin, positions, rows, layer_cache, self.max_len, visible)
+            return absorbed_step(attn, x, cos, sin, positions, rows, layer_cache, span, visible)
         B, T, _ = x.shape
         q, k, v = attn.project(x, cos, sin)
         _write(layer_cache["k"], rows, positions, k.transpose(1, 2))
         _write(layer_cache["v"], rows, positions, v.transpose(1, 2))
-        keys = layer_cache["k"].transpose(1, 2).to(q.dtype)
-        values = layer_cache["v"].transpose(1, 2).to(q.dtype)
+        keys = layer_cache["k"][:, :span].transpose(1, 2).to(q.dtype)
+        values = layer_cache["v"][:, :span].transpose(1, 2).to(q.dtype)
         if attn.n_kv != attn.n_heads:
             keys = keys.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
             values = values.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
@@ -371,14 +425,17 @@ class StaticRunner:
 
 
 class PendingTokens:
-    """Tokens of a launched step: a pinned host copy and the event that says it has landed."""
+    """Tokens of a launched step: a slot of the runner's (pinned) host ring and the event that
+    says the copy into it has landed (None on the CPU, where the copy already has)."""
 
-    def __init__(self, host: Any, event: Any):
-        self.host, self.event = host, event
+    def __init__(self, runner: StaticRunner, slot: int, n: int, event: Any):
+        self.runner, self.slot, self.n, self.event = runner, slot, n, event
+        self.tokens: list[int] | None = None
 
     def result(self) -> list[int]:
-        if self.event is not None:
-            self.event.synchronize()  # releases the GIL while it waits
-            self.event = None
-            self.host = self.host.tolist()
-        return self.host
+        if self.tokens is None:
+            if self.event is not None:
+                self.event.synchronize()  # releases the GIL while it waits
+            self.tokens = self.runner._tok_np[self.slot, : self.n].tolist()
+            self.runner._holders[self.slot] = None
+        return self.tokens

@@ -186,6 +186,16 @@ def sample_rows(logits: torch.Tensor, params: torch.Tensor, counts: torch.Tensor
     return torch.where(temp > 0, drawn, greedy)
 
 
+def upload(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Copy host tensor ``src`` into ``dst`` without waiting for the device: on CUDA through a
+    fresh pinned buffer, non-blocking (a plain copy would wait for every step already launched;
+    the caching host allocator keeps the buffer until its copy has run, so a later upload never
+    races it); elsewhere a plain copy."""
+    if dst.device.type == "cuda":
+        return dst.copy_(src.pin_memory(), non_blocking=True)
+    return dst.copy_(src)
+
+
 def observe_rows(counts: torch.Tensor, seen: torch.Tensor, seed_step: torch.Tensor, rows: torch.Tensor,
                  tokens: torch.Tensor) -> None:
     """After a draw: count each row's new token (for the penalties) and advance its step."""
@@ -210,36 +220,34 @@ class BatchSampler:
         self.seed_step = torch.zeros(rows, 2, dtype=torch.long, device=device)
         self.samplers: list[SequenceSampler | None] = [None] * rows
         self._all_rows = torch.arange(rows, device=device)
+        self._needs: dict[tuple[int, int], dict[str, bool]] = {}  # needs() per row range, until rows change
 
     def set_row(self, row: int, sampler: SequenceSampler) -> None:
         self.samplers[row] = sampler
-        # host → device through pinned memory and without blocking: a plain copy would wait for
-        # every step already launched on the device
-        self._upload(self.params[row], torch.tensor(param_row(sampler.params), dtype=torch.float32))
-        self._upload(self.seed_step[row], torch.tensor([sampler.seed, 0], dtype=torch.long))
+        upload(torch.tensor(param_row(sampler.params), dtype=torch.float32), self.params[row])
+        upload(torch.tensor([sampler.seed, 0], dtype=torch.long), self.seed_step[row])
         self.counts[row].zero_()
         if sampler.seen_mask is not None:
-            self._upload(self.seen[row], sampler.seen_mask)
+            upload(sampler.seen_mask, self.seen[row])
         else:
             self.seen[row].zero_()
-
-    def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            dst.copy_(src.pin_memory(), non_blocking=True)
-        else:
-            dst.copy_(src)
+        self._needs.clear()
 
     def move_row(self, src: int, dst: int) -> None:
         self.samplers[dst], self.samplers[src] = self.samplers[src], None
         for t in (self.params, self.counts, self.seen, self.seed_step):
             t[dst] = t[src]
+        self._needs.clear()
 
     def needs(self, start: int, stop: int) -> dict[str, bool]:
-        """Which parts of :func:`sample_rows` rows start..stop-1 need (the eager path skips the rest)."""
-        active = [s.params for s in self.samplers[start:stop] if s is not None]
-        sampled = [p for p in active if not p.greedy]
-        return {"cut": any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
-                "penalties": any(p.has_penalties for p in active), "sampled": bool(sampled)}
+        """Which parts of :func:`sample_rows` rows start..stop-1 need (the rest can be skipped)."""
+        key = (start, stop)
+        if key not in self._needs:
+            active = [s.params for s in self.samplers[start:stop] if s is not None]
+            sampled = [p for p in active if not p.greedy]
+            self._needs[key] = {"cut": any(p.top_k > 0 or p.top_p < 1.0 for p in sampled),
+                                "penalties": any(p.has_penalties for p in active), "sampled": bool(sampled)}
+        return self._needs[key]
 
     def sample(self, logits: torch.Tensor, start: int) -> torch.Tensor:
         """Eager: tokens [k] for logits [k, V] of rows start..start+k-1, counted for the penalties."""
