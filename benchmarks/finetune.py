@@ -68,7 +68,7 @@ def task_of(prompt: str) -> str:
 def score_heldout(path, heldout) -> dict:
     """Greedy exact match of the model at ``path`` on the held-out tasks, overall and per task."""
     from dsk.data.tokenizer import load_tokenizer
-    from dsk.finetune.scoring import generate_answers
+    from dsk.evaluation.tasks import generate_answers
     from dsk.models import load_model
 
     model, _, _ = load_model(path)
@@ -179,7 +179,7 @@ def main() -> None:
     from dsk.artifacts import Store
     from dsk.data.tokenizer import load_tokenizer
     from dsk.finetune import data as fdata
-    from dsk.finetune.scoring import preference_accuracy
+    from dsk.evaluation.tasks import preference_accuracy
     from dsk.models import load_model
 
     torch.set_num_threads(args.threads)

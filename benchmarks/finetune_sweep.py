@@ -69,7 +69,7 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) 
     from dsk import finetune
     from dsk.data.tokenizer import load_tokenizer
     from dsk.finetune import data as fdata
-    from dsk.finetune.scoring import preference_accuracy
+    from dsk.evaluation.tasks import preference_accuracy
     from dsk.models import load_model
 
     config = dict(config)
