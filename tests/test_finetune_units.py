@@ -192,6 +192,25 @@ def test_lora_trainable_fraction_is_small():
     assert trainable / total < 0.02
 
 
+def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():
+    from dsk.finetune import Params
+    from dsk.finetune.stage import train_config
+    from dsk.train import make_optimizer
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, preset="tiny-dense")
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=("attn",), token_ids=[tok.end_id]))
+    cfg = train_config(Params(data="x.jsonl", lora_plus_ratio=16, lr=1e-3), lora=True)
+    assert train_config(Params(data="x.jsonl", lr=1e-3), lora=True).lr_mults == {}
+    opt = make_optimizer(model, name="adamw", lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95), device="cpu",
+                         lr_mults=cfg.lr_mults)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs and all(("lora_B" in n) == (lr == pytest.approx(1.6e-2)) for n, lr in lrs.items())
+    assert all(lr == pytest.approx(1e-3) for n, lr in lrs.items() if "lora_B" not in n)
+    assert any("token_delta" in n for n in lrs)
+
+
 def test_lora_on_experts_of_a_dense_model_is_an_error():
     tok = char_tokenizer()
     with pytest.raises(DskError, match="match no module"):

@@ -33,6 +33,10 @@ class Params(StageParams):
         description="Where adapters go: attn (attention projections), mlp (dense SwiGLU + shared experts), "
         "experts (routed experts); a list or comma-separated, e.g. --lora-targets attn,mlp.",
     )
+    lora_plus_ratio: float = Field(
+        1.0, ge=1, le=256,
+        description="LoRA+ (Hayou et al. 2024): the adapters' B matrices train at lr * this, A at lr; 1 is plain LoRA.",
+    )
     lora_chat_tokens: bool = Field(
         True, description="With LoRA, also train the embedding rows of the chat tokens (<|user|>, <|assistant|>, <|end|> ...), "
         "which a base pretrained on plain text has never seen.",
