@@ -192,6 +192,30 @@ def test_lora_trainable_fraction_is_small():
     assert trainable / total < 0.02
 
 
+def test_lora_projections_restrict_the_adapters_and_still_merge_exactly(tmp_path):
+    from dsk.models import load_model, save_model
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, preset="tiny-dense")
+    save_model(model, tmp_path, tokenizer=tok.hf)
+    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=("attn", "mlp"), projections=("wv", "wo", "w2")))
+    assert {m.rsplit(".", 1)[-1] for m in cfg.modules} == {"wv", "wo", "w2"}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    model.eval()
+    x = torch.randint(0, tok.vocab_size, (2, 20))
+    with_adapters = model(x).logits
+    save_adapters(model, cfg, tmp_path)
+    loaded, _, _ = load_model(tmp_path)  # the stored config re-creates the same adapters
+    torch.testing.assert_close(loaded(x).logits, with_adapters, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DskError, match="not one of"):
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("wx",)))
+    with pytest.raises(DskError, match="match no module"):
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("w1",)))
+
+
 def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():
     from dsk.finetune import Params
     from dsk.finetune.stage import train_config

@@ -33,6 +33,11 @@ class Params(StageParams):
         description="Where adapters go: attn (attention projections), mlp (dense SwiGLU + shared experts), "
         "experts (routed experts); a list or comma-separated, e.g. --lora-targets attn,mlp.",
     )
+    lora_projections: list[str] = Field(
+        default_factory=list,
+        description="Only these projections of the targets, e.g. --lora-projections wv,wo (attention: wq wk wv wo, "
+        "or MLA's wq wq_a wq_b wkv_a wkv_b wo; mlp: w1 w2 w3); empty: all of them.",
+    )
     lora_plus_ratio: float = Field(
         1.0, ge=1, le=256,
         description="LoRA+ (Hayou et al. 2024): the adapters' B matrices train at lr * this, A at lr; 1 is plain LoRA.",
@@ -70,7 +75,7 @@ class Params(StageParams):
     max_minutes: float = Field(0.0, ge=0, description="Stop cleanly after this many minutes of training (0 = no limit).")
     threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default).")
 
-    @field_validator("lora_targets", mode="before")
+    @field_validator("lora_targets", "lora_projections", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

@@ -182,7 +182,8 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     if use_lora:
         chat_ids = sorted({tok.special[n] for n in ("bos", "system", "user", "assistant", "end")})
         lora_cfg = add_lora(model, LoraConfig(rank=params.lora_rank, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                                              targets=tuple(params.lora_targets), init_seed=ctx.seed,
+                                              targets=tuple(params.lora_targets), projections=tuple(params.lora_projections),
+                                              init_seed=ctx.seed,
                                               token_ids=chat_ids if params.lora_chat_tokens else []))
         # the router bias belongs to the frozen base: no aux-loss-free balancing updates under LoRA
         cfg.bias_update_speed = 0.0
@@ -193,6 +194,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     ctx.log.info(f"method {params.method}{' (' + params.dpo_train + ')' if dpo else ''}: "
                  f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
                  + (f", LoRA r={params.lora_rank} alpha={params.lora_alpha:g} on {', '.join(params.lora_targets)}"
+                    + (f" ({', '.join(params.lora_projections)})" if params.lora_projections else "")
                     if use_lora else ""))
 
     run_dir = run_dir_for(ctx.store, ctx.artifact_id)

@@ -40,6 +40,7 @@ from dsk.errors import DskError
 from dsk.models.model import MLP, Experts, MoE
 
 TARGETS = ("attn", "mlp", "experts")
+PROJECTIONS = ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3")  # attn, then mlp
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -50,6 +51,8 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("attn", "mlp")
+    # only these projections of the attn / mlp targets (e.g. ("wv", "wo")); empty: all of them
+    projections: tuple[str, ...] = ()
     init_seed: int = 0  # the adapters' A matrices are drawn from their own generator
     # token ids whose embedding (and output) rows train too: the chat special tokens, which a
     # base pretrained on plain text has never seen (peft calls this trainable_token_indices)
@@ -63,12 +66,13 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["projections"] = list(self.projections)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d.get("dropout", 0.0)),
-                   targets=tuple(d["targets"]), init_seed=int(d.get("init_seed", 0)),
+                   targets=tuple(d["targets"]), projections=tuple(d.get("projections", ())), init_seed=int(d.get("init_seed", 0)),
                    token_ids=[int(i) for i in d.get("token_ids", [])], modules=list(d.get("modules", [])))
 
 
@@ -174,7 +178,7 @@ class LoraRowsLinear(nn.Linear):
 
 
 def _attn_names(attn: nn.Module) -> list[str]:
-    return [n for n in ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo") if hasattr(attn, n)]
+    return [n for n in PROJECTIONS[:8] if hasattr(attn, n)]
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
@@ -184,12 +188,17 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         raise DskError(f"LoRA target {bad[0] if bad else '(none)'!r} is not one of {', '.join(TARGETS)}")
     if cfg.rank < 1:
         raise DskError(f"LoRA rank must be >= 1, got {cfg.rank}")
+    unknown = [n for n in cfg.projections if n not in PROJECTIONS]
+    if unknown:
+        raise DskError(f"LoRA projection {unknown[0]!r} is not one of {', '.join(PROJECTIONS)}")
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.init_seed)
     adapted: list[str] = []
 
     def wrap_linear(parent: nn.Module, name: str, qualified: str) -> None:
+        if cfg.projections and name not in cfg.projections:
+            return
         base = getattr(parent, name)
         if isinstance(base, LoraLinear):
             raise DskError(f"{qualified} already has a LoRA adapter; merge it first")
@@ -228,8 +237,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         model.embed = LoraEmbedding(model.embed, cfg.token_ids)
         model.head = LoraRowsLinear(model.head, cfg.token_ids, model.embed if tied else None)
         adapted += ["embed", "head"]
-    if not adapted:
-        raise DskError(f"LoRA targets {list(cfg.targets)} match no module of this model (e.g. 'experts' on a dense model)")
+    if not adapted or (cfg.projections and adapted in (["embed", "head"], [])):
+        raise DskError(f"LoRA targets {list(cfg.targets)}{' / projections ' + str(list(cfg.projections)) if cfg.projections else ''} match no module of this model (e.g. 'experts' on a dense model)")
     cfg.modules = adapted
     return cfg
 
