@@ -153,18 +153,21 @@ def test_only_adapter_params_change_under_lora(preset, targets):
     assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
 
 
-@pytest.mark.parametrize("preset, targets, arch", [
-    ("tiny", ("attn", "mlp", "experts"), {}),
-    ("tiny-dense", ("attn", "mlp"), {}),
-    ("tiny-dense", ("attn",), {"tie_embeddings": False}),
+@pytest.mark.parametrize("preset, targets, arch, dora", [
+    ("tiny", ("attn", "mlp", "experts"), {}, False),
+    ("tiny-dense", ("attn", "mlp"), {}, False),
+    ("tiny-dense", ("attn",), {"tie_embeddings": False}, False),
+    ("tiny", ("attn", "mlp"), {}, True),
+    ("tiny-dense", ("attn", "mlp"), {}, True),
 ])
-def test_merged_logits_equal_base_plus_adapter(preset, targets, arch, tmp_path):
+def test_merged_logits_equal_base_plus_adapter(preset, targets, arch, dora, tmp_path):
     from dsk.models import load_model, save_model
 
     tok = char_tokenizer()
     model = tiny_model(tok, preset=preset, **arch)
     save_model(model, tmp_path, tokenizer=tok.hf)
-    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, token_ids=[tok.end_id, tok.bos_id]))
+    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, dora=dora, token_ids=[tok.end_id, tok.bos_id]))
+    assert dora == any("lora_magnitude" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -214,6 +217,17 @@ def test_lora_projections_restrict_the_adapters_and_still_merge_exactly(tmp_path
         add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("wx",)))
     with pytest.raises(DskError, match="match no module"):
         add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("w1",)))
+
+
+def test_fresh_dora_adapters_leave_the_model_unchanged_and_refuse_dropout():
+    tok = char_tokenizer()
+    model = tiny_model(tok, preset="tiny-dense").eval()
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    before = model(x).logits
+    add_lora(model, LoraConfig(rank=2, alpha=4, targets=("attn",), dora=True))
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DskError, match="dropout"):
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), dora=True, dropout=0.1))
 
 
 def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():

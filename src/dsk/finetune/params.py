@@ -38,6 +38,10 @@ class Params(StageParams):
         description="Only these projections of the targets, e.g. --lora-projections wv,wo (attention: wq wk wv wo, "
         "or MLA's wq wq_a wq_b wkv_a wkv_b wo; mlp: w1 w2 w3); empty: all of them.",
     )
+    lora_dora: bool = Field(
+        False, description="DoRA (Liu et al. 2024): adapters also learn a magnitude per output row of each adapted "
+        "weight (+ out_features parameters each); attn / mlp targets, no dropout; merges exactly.",
+    )
     lora_plus_ratio: float = Field(
         1.0, ge=1, le=256,
         description="LoRA+ (Hayou et al. 2024): the adapters' B matrices train at lr * this, A at lr; 1 is plain LoRA.",

@@ -183,7 +183,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
         chat_ids = sorted({tok.special[n] for n in ("bos", "system", "user", "assistant", "end")})
         lora_cfg = add_lora(model, LoraConfig(rank=params.lora_rank, alpha=params.lora_alpha, dropout=params.lora_dropout,
                                               targets=tuple(params.lora_targets), projections=tuple(params.lora_projections),
-                                              init_seed=ctx.seed,
+                                              dora=params.lora_dora, init_seed=ctx.seed,
                                               token_ids=chat_ids if params.lora_chat_tokens else []))
         # the router bias belongs to the frozen base: no aux-loss-free balancing updates under LoRA
         cfg.bias_update_speed = 0.0
