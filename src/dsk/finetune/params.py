@@ -12,7 +12,7 @@ from dsk.config import StageParams
 Target = Literal["attn", "mlp", "experts"]
 
 # the peak learning rate when --lr is not given: adapters tolerate (and need) a larger step
-DEFAULT_LR = {"lora": 5e-3, "full": 2e-3, "dpo": 5e-4}
+DEFAULT_LR = {"lora": 1e-2, "full": 2e-3, "dpo": 5e-4}
 
 
 class Params(StageParams):
@@ -61,7 +61,7 @@ class Params(StageParams):
     max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Rows per micro-batch (dpo: preference pairs).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate (default: 5e-3 lora, 2e-3 full, 5e-4 dpo; tuned on the small presets).")
+    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate (default: 1e-2 lora, 2e-3 full, 5e-4 dpo; tuned on the cpu preset, docs/finetune.md).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="The cosine decays to lr * min_lr_ratio.")
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of trained matrices.")
