@@ -215,7 +215,7 @@ def test_lora_projections_restrict_the_adapters_and_still_merge_exactly(tmp_path
     torch.testing.assert_close(loaded(x).logits, with_adapters, rtol=1e-4, atol=1e-5)
     with pytest.raises(DskError, match="not one of"):
         add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("wx",)))
-    with pytest.raises(DskError, match="match no module"):
+    with pytest.raises(DskError, match="'w1' is not in this model's attn"):
         add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("w1",)))
 
 

@@ -217,7 +217,10 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
     gen = torch.Generator().manual_seed(cfg.init_seed)
     adapted: list[str] = []
 
+    seen: set[str] = set()  # projection names the targets offer, to check cfg.projections against
+
     def wrap_linear(parent: nn.Module, name: str, qualified: str) -> None:
+        seen.add(name)
         if cfg.projections and name not in cfg.projections:
             return
         base = getattr(parent, name)
@@ -258,6 +261,10 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         model.embed = LoraEmbedding(model.embed, cfg.token_ids)
         model.head = LoraRowsLinear(model.head, cfg.token_ids, model.embed if tied else None)
         adapted += ["embed", "head"]
+    missing = [n for n in cfg.projections if n not in seen]
+    if missing and seen:
+        raise DskError(f"LoRA projection {missing[0]!r} is not in this model's {'/'.join(cfg.targets)} "
+                       f"(it has {', '.join(sorted(seen))})")
     if not adapted or (cfg.projections and adapted in (["embed", "head"], [])):
         raise DskError(f"LoRA targets {list(cfg.targets)}{' / projections ' + str(list(cfg.projections)) if cfg.projections else ''} match no module of this model (e.g. 'experts' on a dense model)")
     cfg.modules = adapted
