@@ -17,7 +17,8 @@ Targets (issue 8): LoRA >= 90% of full finetuning's accuracy with <= 2% of the p
 trainable; SFT well above the base. The learning rates and LoRA shape are the best of
 benchmarks/finetune_sweep.py (docs/finetune.md).
 
-    $ python benchmarks/finetune.py            # ~25 min on a shared 2-core CPU (two 6000-step bases: ~11 min each)
+    $ python benchmarks/finetune.py            # ~35 min on a shared 2-core CPU (two 6000-step bases: ~10 min each,
+                                               # four 1200-step SFT runs: ~2 min each)
     $ python benchmarks/finetune.py --quick    # a smoke run (numbers not meaningful)
 
 Writes benchmarks/results/finetune.json and benchmarks/results/finetune.md.
@@ -68,7 +69,7 @@ def task_of(prompt: str) -> str:
 def score_heldout(path, heldout) -> dict:
     """Greedy exact match of the model at ``path`` on the held-out tasks, overall and per task."""
     from dsk.data.tokenizer import load_tokenizer
-    from dsk.finetune.scoring import generate_answers
+    from dsk.evaluation.tasks import generate_answers
     from dsk.models import load_model
 
     model, _, _ = load_model(path)
@@ -154,13 +155,13 @@ def main() -> None:
     ap.add_argument("--pretrain-lr", type=float, default=1e-3)
     ap.add_argument("--repeat-fraction", type=float, default=0.5, help="the repeat base's pretrain --repeat-fraction")
     ap.add_argument("--bases", default="plain,repeat", help="which bases to compare (plain, repeat)")
-    ap.add_argument("--sft-steps", type=int, default=400)
+    ap.add_argument("--sft-steps", type=int, default=1200)
     ap.add_argument("--dpo-steps", type=int, default=100)
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--lora-rank", type=int, default=4)
     ap.add_argument("--lora-targets", default="attn")
     ap.add_argument("--lora-lr", type=float, default=1e-2)
-    ap.add_argument("--full-lr", type=float, default=2e-3)
+    ap.add_argument("--full-lr", type=float, default=1e-3)
     ap.add_argument("--dpo-lr", type=float, default=5e-4)
     ap.add_argument("--dpo-beta", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
@@ -179,7 +180,7 @@ def main() -> None:
     from dsk.artifacts import Store
     from dsk.data.tokenizer import load_tokenizer
     from dsk.finetune import data as fdata
-    from dsk.finetune.scoring import preference_accuracy
+    from dsk.evaluation.tasks import preference_accuracy
     from dsk.models import load_model
 
     torch.set_num_threads(args.threads)

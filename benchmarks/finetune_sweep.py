@@ -9,7 +9,7 @@ each in its own copy of the workspace (so the base is built once and never re-tr
     $ python benchmarks/finetune_sweep.py --workspace /tmp/ws --pretrain-steps 4000 --grid lr --jobs 8
 
 A config is a JSON object of `dsk finetune` params (method, lr, lora_rank, lora_alpha,
-lora_targets, ...); --grid names a built-in list, --configs takes a JSON list. Appends one JSON
+lora_targets, ...; "seed" sets the run's seed); --grid names a built-in list, --configs takes a JSON list. Appends one JSON
 line per config to --out (default benchmarks/results/finetune_sweep.jsonl).
 """
 
@@ -69,7 +69,7 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) 
     from dsk import finetune
     from dsk.data.tokenizer import load_tokenizer
     from dsk.finetune import data as fdata
-    from dsk.finetune.scoring import preference_accuracy
+    from dsk.evaluation.tasks import preference_accuracy
     from dsk.models import load_model
 
     config = dict(config)
@@ -110,9 +110,10 @@ def run_one(config: dict, *, workspace: Path, base_id: str, sft_steps: int, thre
     store = Store.open()
     if config.get("method") == "dpo":
         return run_dpo(config, store=store, base_id=base_id, sft_steps=sft_steps, threads=threads)
-    params = sft_params(config, sft_steps=sft_steps, threads=threads)
+    seed = int(config.get("seed", 0))  # the run's seed (data split, batch order, adapter init), not a param
+    params = sft_params({k: v for k, v in config.items() if k != "seed"}, sft_steps=sft_steps, threads=threads)
     t = time.perf_counter()
-    art = finetune.run(source=base_id, params=params, store=store).artifact
+    art = finetune.run(source=base_id, params=params, store=store, seed=seed).artifact
     seconds = time.perf_counter() - t
     heldout, _ = fdata.read_jsonl(TASKS / "heldout.jsonl", kind="instruction", bad_lines="fail")
     s = score_heldout(art.path, heldout)

@@ -191,3 +191,29 @@ def test_missing_data_and_data_given_as_input(cli, workspace, base, tmp_path):
     code, _, err = cli("finetune", "--data", str(data), "--context", "100", *TINY)
     assert code == 2 and "exceeds the base model's max_seq_len=64" in err
     assert _artifacts(workspace) == []
+
+
+def test_bad_lora_shape_options_are_one_line_errors(cli, workspace, base, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(8))
+    for args, expected in [(["--lora-projections", "wx"], "LoRA projection 'wx' is not one of"),
+                           (["--lora-projections", "wq,wv"], "LoRA projection 'wv' is not in this model's attn"),
+                           (["--lora-dora", "--lora-dropout", "0.1"], "DoRA adapters take no dropout"),
+                           (["--lora-plus-ratio", "0.5"], "lora_plus_ratio")]:
+        code, _, err = cli("finetune", "--data", str(data), *args, *TINY)
+        assert code == 2 and expected in err, err
+        assert "Traceback" not in err
+    assert _artifacts(workspace) == []
+
+
+def test_lora_plus_dora_and_projections_train_end_to_end(cli, workspace, base, tmp_path):
+    from dsk.models import load_model
+
+    data = write_jsonl(tmp_path / "train.jsonl", copy_rows(24))
+    res = _run_json(cli, "--data", str(data), "--lora-dora", "--lora-plus-ratio", "8", "--lora-projections", "wq,wkv_b,wo",
+                    *TINY)
+    path = workspace / "artifacts" / "finetune" / res["id"]
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert cfg["dora"] and cfg["projections"] == ["wq", "wkv_b", "wo"]
+    assert {m.rsplit(".", 1)[-1] for m in cfg["modules"]} == {"wq", "wkv_b", "wo", "embed", "head"}
+    model, _, _ = load_model(path)
+    assert not any("lora_" in n for n in model.state_dict())

@@ -153,18 +153,21 @@ def test_only_adapter_params_change_under_lora(preset, targets):
     assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
 
 
-@pytest.mark.parametrize("preset, targets, arch", [
-    ("tiny", ("attn", "mlp", "experts"), {}),
-    ("tiny-dense", ("attn", "mlp"), {}),
-    ("tiny-dense", ("attn",), {"tie_embeddings": False}),
+@pytest.mark.parametrize("preset, targets, arch, dora", [
+    ("tiny", ("attn", "mlp", "experts"), {}, False),
+    ("tiny-dense", ("attn", "mlp"), {}, False),
+    ("tiny-dense", ("attn",), {"tie_embeddings": False}, False),
+    ("tiny", ("attn", "mlp"), {}, True),
+    ("tiny-dense", ("attn", "mlp"), {}, True),
 ])
-def test_merged_logits_equal_base_plus_adapter(preset, targets, arch, tmp_path):
+def test_merged_logits_equal_base_plus_adapter(preset, targets, arch, dora, tmp_path):
     from dsk.models import load_model, save_model
 
     tok = char_tokenizer()
     model = tiny_model(tok, preset=preset, **arch)
     save_model(model, tmp_path, tokenizer=tok.hf)
-    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, token_ids=[tok.end_id, tok.bos_id]))
+    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, dora=dora, token_ids=[tok.end_id, tok.bos_id]))
+    assert dora == any("lora_magnitude" in n for n, _ in model.named_parameters())
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_" in n:
@@ -190,6 +193,60 @@ def test_lora_trainable_fraction_is_small():
     add_lora(model, LoraConfig(rank=2, alpha=4, targets=("attn",)))
     trainable, total = count_params(model)
     assert trainable / total < 0.02
+
+
+def test_lora_projections_restrict_the_adapters_and_still_merge_exactly(tmp_path):
+    from dsk.models import load_model, save_model
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, preset="tiny-dense")
+    save_model(model, tmp_path, tokenizer=tok.hf)
+    cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=("attn", "mlp"), projections=("wv", "wo", "w2")))
+    assert {m.rsplit(".", 1)[-1] for m in cfg.modules} == {"wv", "wo", "w2"}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    model.eval()
+    x = torch.randint(0, tok.vocab_size, (2, 20))
+    with_adapters = model(x).logits
+    save_adapters(model, cfg, tmp_path)
+    loaded, _, _ = load_model(tmp_path)  # the stored config re-creates the same adapters
+    torch.testing.assert_close(loaded(x).logits, with_adapters, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DskError, match="not one of"):
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("wx",)))
+    with pytest.raises(DskError, match="'w1' is not in this model's attn"):
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), projections=("w1",)))
+
+
+def test_fresh_dora_adapters_leave_the_model_unchanged_and_refuse_dropout():
+    tok = char_tokenizer()
+    model = tiny_model(tok, preset="tiny-dense").eval()
+    x = torch.randint(0, tok.vocab_size, (2, 12))
+    before = model(x).logits
+    add_lora(model, LoraConfig(rank=2, alpha=4, targets=("attn",), dora=True))
+    torch.testing.assert_close(model(x).logits, before, rtol=1e-5, atol=1e-5)
+    with pytest.raises(DskError, match="dropout"):
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("attn",), dora=True, dropout=0.1))
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():
+    from dsk.finetune import Params
+    from dsk.finetune.stage import train_config
+    from dsk.train import make_optimizer
+
+    tok = char_tokenizer()
+    model = tiny_model(tok, preset="tiny-dense")
+    add_lora(model, LoraConfig(rank=4, alpha=8, targets=("attn",), token_ids=[tok.end_id]))
+    cfg = train_config(Params(data="x.jsonl", lora_plus_ratio=16, lr=1e-3), lora=True)
+    assert train_config(Params(data="x.jsonl", lr=1e-3), lora=True).lr_mults == {}
+    opt = make_optimizer(model, name="adamw", lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95), device="cpu",
+                         lr_mults=cfg.lr_mults)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lrs = {names[id(p)]: g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs and all(("lora_B" in n) == (lr == pytest.approx(1.6e-2)) for n, lr in lrs.items())
+    assert all(lr == pytest.approx(1e-3) for n, lr in lrs.items() if "lora_B" not in n)
+    assert any("token_delta" in n for n in lrs)
 
 
 def test_lora_on_experts_of_a_dense_model_is_an_error():

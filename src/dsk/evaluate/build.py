@@ -71,8 +71,8 @@ def _build_lm(ctx: StageContext, art: Artifact) -> None:
     (ctx.out / "samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
 
     if p.tasks and p.task_examples and art.kind == "model":
-        from dsk.finetune.data import read_jsonl
-        from dsk.finetune.scoring import exact_match
+        from dsk.data.chat import read_jsonl
+        from dsk.evaluation.tasks import exact_match
         from dsk.models import load_model
 
         records, _ = read_jsonl(Path(p.tasks), kind="instruction", bad_lines="skip")

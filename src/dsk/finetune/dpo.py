@@ -19,15 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = -100
-
-
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(target) over the positions whose target is not -100: [B, T, V], [B, T] -> [B]."""
-    mask = targets != IGNORE
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(dim=-1)
+from dsk.evaluation.tasks import sequence_logps
 
 
 def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -12,7 +12,7 @@ from dsk.config import StageParams, TrainingFields
 Target = Literal["attn", "mlp", "experts"]
 
 # the peak learning rate when --lr is not given: adapters tolerate (and need) a larger step
-DEFAULT_LR = {"lora": 5e-3, "full": 2e-3, "dpo": 5e-4}
+DEFAULT_LR = {"lora": 1e-2, "full": 2e-3, "dpo": 5e-4}
 
 
 class Params(StageParams):
@@ -33,6 +33,19 @@ class Params(StageParams):
         description="Where adapters go: attn (attention projections), mlp (dense SwiGLU + shared experts), "
         "experts (routed experts); a list or comma-separated, e.g. --lora-targets attn,mlp.",
     )
+    lora_projections: list[str] = Field(
+        default_factory=list,
+        description="Only these projections of the targets, e.g. --lora-projections wv,wo (attention: wq wk wv wo, "
+        "or MLA's wq wq_a wq_b wkv_a wkv_b wo; mlp: w1 w2 w3); empty: all of them.",
+    )
+    lora_dora: bool = Field(
+        False, description="DoRA (Liu et al. 2024): adapters also learn a magnitude per output row of each adapted "
+        "weight (+ out_features parameters each); attn / mlp targets, no dropout; merges exactly.",
+    )
+    lora_plus_ratio: float = Field(
+        1.0, ge=1, le=256,
+        description="LoRA+ (Hayou et al. 2024): the adapters' B matrices train at lr * this, A at lr; 1 is plain LoRA.",
+    )
     lora_chat_tokens: bool = Field(
         True, description="With LoRA, also train the embedding rows of the chat tokens (<|user|>, <|assistant|>, <|end|> ...), "
         "which a base pretrained on plain text has never seen.",
@@ -48,7 +61,7 @@ class Params(StageParams):
     max_steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Rows per micro-batch (dpo: preference pairs).")
     grad_accum: int = TrainingFields.grad_accum
-    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate (default: 5e-3 lora, 2e-3 full, 5e-4 dpo; tuned on the small presets).")
+    lr: Optional[float] = Field(None, gt=0, description="Peak learning rate (default: 1e-2 lora, 2e-3 full, 5e-4 dpo; tuned on the cpu preset, docs/finetune.md).")
     min_lr_ratio: float = TrainingFields.min_lr_ratio
     warmup_steps: int = Field(10, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay of trained matrices.")
@@ -66,7 +79,7 @@ class Params(StageParams):
     max_minutes: float = TrainingFields.max_minutes
     threads: int = TrainingFields.threads
 
-    @field_validator("lora_targets", mode="before")
+    @field_validator("lora_targets", "lora_projections", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

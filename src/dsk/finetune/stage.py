@@ -96,10 +96,11 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
                      force=force, store=store, kind="model", stage_version=STAGE_VERSION)
 
 
-def train_config(params: Params):
+def train_config(params: Params, *, lora: bool = False):
     from dsk.train import TrainConfig
 
     return TrainConfig(
+        lr_mults={"lora_B": params.lora_plus_ratio} if lora and params.lora_plus_ratio != 1 else {},
         max_steps=params.max_steps, batch_size=params.batch_size, grad_accum=params.grad_accum, lr=params.peak_lr(),
         min_lr_ratio=params.min_lr_ratio, warmup_steps=params.warmup_steps, weight_decay=params.weight_decay,
         grad_clip=params.grad_clip, optimizer=params.optimizer, precision=params.precision, device=params.device,
@@ -121,7 +122,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
 
     from dsk.data.tokenizer import load_tokenizer
     from dsk.finetune import data as fdata
-    from dsk.finetune.scoring import exact_match, preference_accuracy
+    from dsk.evaluation.tasks import exact_match, preference_accuracy
     from dsk.finetune.template import describe
     from dsk.models import config_json, load_model, state_dict_for_save
     from dsk.models.lora import LoraConfig, add_lora, count_params, is_adapter_param, save_adapters
@@ -181,7 +182,8 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     if use_lora:
         chat_ids = sorted({tok.special[n] for n in ("bos", "system", "user", "assistant", "end")})
         lora_cfg = add_lora(model, LoraConfig(rank=params.lora_rank, alpha=params.lora_alpha, dropout=params.lora_dropout,
-                                              targets=tuple(params.lora_targets), init_seed=ctx.seed,
+                                              targets=tuple(params.lora_targets), projections=tuple(params.lora_projections),
+                                              dora=params.lora_dora, init_seed=ctx.seed,
                                               token_ids=chat_ids if params.lora_chat_tokens else []))
         # the router bias belongs to the frozen base: no aux-loss-free balancing updates under LoRA
         cfg.bias_update_speed = 0.0
@@ -192,6 +194,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     ctx.log.info(f"method {params.method}{' (' + params.dpo_train + ')' if dpo else ''}: "
                  f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
                  + (f", LoRA r={params.lora_rank} alpha={params.lora_alpha:g} on {', '.join(params.lora_targets)}"
+                    + (f" ({', '.join(params.lora_projections)})" if params.lora_projections else "")
                     if use_lora else ""))
 
     run_dir = run_dir_for(ctx.store, ctx.artifact_id)
@@ -210,7 +213,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
         loss_fn = fdata.PackedLoss(tok.bos_id)
     try:
         result = train(
-            model, data, train_config(params), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,
+            model, data, train_config(params, lora=use_lora), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,
             run_fingerprint={"base": base.id, "data": hash_raw_input(data_path).sha256, "seed": ctx.seed,
                              "params": params.model_dump(mode="json")},
         )

@@ -40,6 +40,7 @@ from dsk.errors import DskError
 from dsk.models.model import MLP, Experts, MoE
 
 TARGETS = ("attn", "mlp", "experts")
+PROJECTIONS = ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3")  # attn, then mlp
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -50,6 +51,11 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     targets: tuple[str, ...] = ("attn", "mlp")
+    # only these projections of the attn / mlp targets (e.g. ("wv", "wo")); empty: all of them
+    projections: tuple[str, ...] = ()
+    # DoRA (Liu et al. 2024): each adapted linear also learns a magnitude per output row,
+    # W' = m * (W + scale B A) / ||W + scale B A||_row (linear targets only, not experts)
+    dora: bool = False
     init_seed: int = 0  # the adapters' A matrices are drawn from their own generator
     # token ids whose embedding (and output) rows train too: the chat special tokens, which a
     # base pretrained on plain text has never seen (peft calls this trainable_token_indices)
@@ -63,19 +69,22 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["targets"] = list(self.targets)
+        d["projections"] = list(self.projections)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LoraConfig":
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), dropout=float(d.get("dropout", 0.0)),
-                   targets=tuple(d["targets"]), init_seed=int(d.get("init_seed", 0)),
+                   targets=tuple(d["targets"]), projections=tuple(d.get("projections", ())),
+                   dora=bool(d.get("dora", False)), init_seed=int(d.get("init_seed", 0)),
                    token_ids=[int(i) for i in d.get("token_ids", [])], modules=list(d.get("modules", [])))
 
 
 class LoraLinear(nn.Linear):
     """An ``nn.Linear`` (same ``weight`` parameter, same name) plus a low-rank adapter."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, generator: torch.Generator,
+                 dora: bool = False):
         nn.Module.__init__(self)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
@@ -89,16 +98,28 @@ class LoraLinear(nn.Linear):
         a.uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a.to(dev, dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
+        if dora:  # starts at the rows' norms, so a fresh DoRA adapter is the identity too
+            self.lora_magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1).to(dt))
+
+    def _dora_weight(self) -> torch.Tensor:
+        w = self.weight + (self.lora_B @ self.lora_A) * self.scale
+        # the norm is a constant for the gradient, as in the paper (sec. 4.3): cheaper, same quality
+        return w * (self.lora_magnitude / w.norm(dim=1).detach()).unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if not self.adapters_enabled:
-            return y
+            return F.linear(x, self.weight, self.bias)
+        if hasattr(self, "lora_magnitude"):  # add_lora refuses DoRA with dropout
+            return F.linear(x, self._dora_weight(), self.bias)
+        y = F.linear(x, self.weight, self.bias)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
         return y + F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
+        if hasattr(self, "lora_magnitude"):
+            w = self.weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale
+            return (w * (self.lora_magnitude.float() / w.norm(dim=1)).unsqueeze(1)).to(self.weight.dtype)
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
         return (self.weight.float() + delta).to(self.weight.dtype)
 
@@ -174,7 +195,7 @@ class LoraRowsLinear(nn.Linear):
 
 
 def _attn_names(attn: nn.Module) -> list[str]:
-    return [n for n in ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo") if hasattr(attn, n)]
+    return [n for n in PROJECTIONS[:8] if hasattr(attn, n)]
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
@@ -184,16 +205,28 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         raise DskError(f"LoRA target {bad[0] if bad else '(none)'!r} is not one of {', '.join(TARGETS)}")
     if cfg.rank < 1:
         raise DskError(f"LoRA rank must be >= 1, got {cfg.rank}")
+    if cfg.dora and cfg.dropout:
+        raise DskError("DoRA adapters take no dropout (the adapted weight is computed whole); set the dropout to 0")
+    if cfg.dora and "experts" in cfg.targets:
+        raise DskError("DoRA is for the attn and mlp targets, not the routed experts")
+    unknown = [n for n in cfg.projections if n not in PROJECTIONS]
+    if unknown:
+        raise DskError(f"LoRA projection {unknown[0]!r} is not one of {', '.join(PROJECTIONS)}")
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.init_seed)
     adapted: list[str] = []
 
+    seen: set[str] = set()  # projection names the targets offer, to check cfg.projections against
+
     def wrap_linear(parent: nn.Module, name: str, qualified: str) -> None:
+        seen.add(name)
+        if cfg.projections and name not in cfg.projections:
+            return
         base = getattr(parent, name)
         if isinstance(base, LoraLinear):
             raise DskError(f"{qualified} already has a LoRA adapter; merge it first")
-        setattr(parent, name, LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gen))
+        setattr(parent, name, LoraLinear(base, cfg.rank, cfg.alpha, cfg.dropout, gen, dora=cfg.dora))
         adapted.append(qualified)
 
     for i, block in enumerate(model.layers):
@@ -228,8 +261,12 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         model.embed = LoraEmbedding(model.embed, cfg.token_ids)
         model.head = LoraRowsLinear(model.head, cfg.token_ids, model.embed if tied else None)
         adapted += ["embed", "head"]
-    if not adapted:
-        raise DskError(f"LoRA targets {list(cfg.targets)} match no module of this model (e.g. 'experts' on a dense model)")
+    missing = [n for n in cfg.projections if n not in seen]
+    if missing and seen:
+        raise DskError(f"LoRA projection {missing[0]!r} is not in this model's {'/'.join(cfg.targets)} "
+                       f"(it has {', '.join(sorted(seen))})")
+    if not adapted or (cfg.projections and adapted in (["embed", "head"], [])):
+        raise DskError(f"LoRA targets {list(cfg.targets)}{' / projections ' + str(list(cfg.projections)) if cfg.projections else ''} match no module of this model (e.g. 'experts' on a dense model)")
     cfg.modules = adapted
     return cfg
 

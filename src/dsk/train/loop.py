@@ -55,6 +55,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer: str = "adamw"  # adamw | lion | muon (Muon on matrices, AdamW on the rest)
     muon_lr_scale: float = 10.0  # Muon's step size = lr * muon_lr_scale
+    # parameters whose name contains a key train at lr * value (e.g. {"lora_B": 16}: LoRA+)
+    lr_mults: dict[str, float] = field(default_factory=dict)
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False
@@ -177,6 +179,7 @@ def train(
     optimizer = make_optimizer(
         model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
         betas=(cfg.beta1, cfg.beta2), device=kind, muon_lr_scale=cfg.muon_lr_scale,
+        lr_mults=cfg.lr_mults,
     )
     # fp16 needs loss scaling; the scaler is a pass-through for fp32/bf16
     scaler = torch.amp.GradScaler(
@@ -280,7 +283,7 @@ def train(
                 lr = lr_at(step, base_lr=cfg.lr, warmup=cfg.warmup_steps, min_ratio=cfg.min_lr_ratio, progress=progress,
                            decay=cfg.lr_decay, cooldown=cfg.cooldown_frac)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_mult", 1.0)
 
                 # 3b. forward/backward over the micro-batches
                 step_loss = torch.zeros((), device=device)

@@ -111,11 +111,37 @@ class Muon(torch.optim.Optimizer):
         return loss
 
 
+def split_by_lr_mult(model: nn.Module, groups: list[dict], lr_mults: dict[str, float]) -> list[dict]:
+    """Split each group so that parameters whose name contains a key of ``lr_mults`` get their own
+    group with ``lr_mult`` set (the loop sets a group's lr to the schedule's lr times ``lr_mult``);
+    e.g. ``{"lora_B": 16}`` is LoRA+ (Hayou et al. 2024)."""
+    if not lr_mults:
+        return groups
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def mult(p) -> float:
+        return next((m for key, m in lr_mults.items() if key in names.get(id(p), "")), 1.0)
+
+    out = []
+    for g in groups:
+        by_mult: dict[float, list] = {}
+        for p in g["params"]:
+            by_mult.setdefault(mult(p), []).append(p)
+        for m, params in sorted(by_mult.items()):
+            out.append({**g, "params": params, "lr_mult": m})
+    return out
+
+
 def make_optimizer(
     model: nn.Module, *, name: str, lr: float, weight_decay: float, betas: tuple[float, float], device: str,
-    muon_lr_scale: float = 10.0,
+    muon_lr_scale: float = 10.0, lr_mults: dict[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay)
+    if lr_mults and name == "muon":
+        raise ValueError("per-parameter lr multipliers are not supported with muon")
+    groups = split_by_lr_mult(model, groups, lr_mults or {})
+    for g in groups:
+        g.setdefault("lr", lr * g.get("lr_mult", 1.0))
     if name == "muon":
         # Muon is for hidden weight matrices: the output head and the routers stay on AdamW
         adam_ids = {id(p) for n, p in model.named_parameters() if n.startswith("head.") or n.endswith("gate.weight")}

@@ -1,7 +1,10 @@
-"""Scoring a finetuned model: exact match of greedy answers, and preference accuracy.
+"""Scoring a chat model on held-out tasks: exact match of greedy answers, and preference accuracy.
 
+Shared by `dsk finetune` (its held-out split) and `dsk eval --tasks` (a held-out JSONL file):
+
+    >>> from dsk.evaluation.tasks import exact_match, preference_accuracy
     >>> exact_match(model, tok, records, max_new_tokens=32)        # -> (accuracy, predictions)
-    >>> preference_accuracy(model, tok, pairs)                     # share with log p(chosen) > log p(rejected)
+    >>> preference_accuracy(model, pairs, pad_id=tok.pad_id)       # share with log p(chosen) > log p(rejected)
 """
 
 from __future__ import annotations
@@ -11,9 +14,16 @@ from typing import Sequence
 
 import torch
 
+from dsk.data.chat import IGNORE, Encoded, Record, pack, xy_rows
 from dsk.data.tokenizer import Tokenizer
-from dsk.finetune.data import Encoded, Record, _xy, pack
-from dsk.finetune.dpo import sequence_logps
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(target) over the positions whose target is not -100: [B, T, V], [B, T] -> [B]."""
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(dim=-1)
 
 
 @torch.no_grad()
@@ -63,7 +73,7 @@ def pair_logps(model, pairs: Sequence[tuple[Encoded, Encoded]], *, pad_id: int, 
         ids, labels = pack([p[side] for p in pairs], context=width, pad_id=pad_id, packing=False)
         logps = []
         for i in range(0, len(ids), batch_size):
-            x, y = _xy(ids[i : i + batch_size], labels[i : i + batch_size])
+            x, y = xy_rows(ids[i : i + batch_size], labels[i : i + batch_size])
             logps.append(sequence_logps(model(x.to(device)).logits, y.to(device)).cpu())
         out.append(torch.cat(logps))
     return out[0], out[1]
