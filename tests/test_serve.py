@@ -73,10 +73,19 @@ def model_dir(tmp_path_factory):
 
 
 @contextmanager
-def serving(model_dir, *, blocklist=None, audit=None, max_batch_size=4, max_queue=16, **config):
+def serving(model_dir, *, blocklist=None, audit=None, max_batch_size=4, max_queue=16, engine_process=False, **config):
     content_filter = ContentFilter.from_lines(blocklist) if blocklist else None
-    engine, codec = load_engine(model_dir, max_batch_size=max_batch_size, max_queue=max_queue,
-                                content_filter=content_filter)
+    if engine_process:  # `dsk serve --engine-process`: the engine core in a child process
+        from dsk.serving.engine_process import EngineProcess
+        from dsk.serving.text import TextCodec
+
+        codec = TextCodec.from_artifact(model_dir)
+        engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact",
+                               {"artifact_dir": str(model_dir), "max_batch_size": max_batch_size},
+                               max_queue=max_queue, content_filter=content_filter, threads=1)
+    else:
+        engine, codec = load_engine(model_dir, max_batch_size=max_batch_size, max_queue=max_queue,
+                                    content_filter=content_filter)
     config.setdefault("api_keys", (KEY, KEY2))
     app = create_app(engine, codec, ServerConfig(model_name=MODEL, **config), audit=audit)
     with ServerThread(app) as server:
@@ -84,10 +93,15 @@ def serving(model_dir, *, blocklist=None, audit=None, max_batch_size=4, max_queu
         yield server
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+# the engine in the server's process (a thread), or in its own (`--engine-process`)
+MODES = pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(model_dir, tmp_path_factory, request):
     audit_path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    with serving(model_dir, blocklist=["badword", r"re:\bsecret-\d+\b"], audit=AuditLog(audit_path)) as s:
+    with serving(model_dir, blocklist=["badword", r"re:\bsecret-\d+\b"], audit=AuditLog(audit_path),
+                 engine_process=request.param) as s:
         s.audit_path = audit_path
         yield s
 
@@ -196,7 +210,8 @@ def test_filtered_prompt_is_400_with_reason(server):
     assert ok.status_code == 200
 
 
-def test_streamed_output_is_filtered(model_dir):
+@MODES
+def test_streamed_output_is_filtered(model_dir, engine_process):
     body = {"model": MODEL, "prompt": "First Citizen:", "max_tokens": 40, "temperature": 1.0, "seed": 11, **LONG}
     with serving(model_dir) as plain:
         full = httpx.post(plain.url + "/v1/completions", json=body, headers=headers(), timeout=60).json()
@@ -204,7 +219,7 @@ def test_streamed_output_is_filtered(model_dir):
     # block a piece from the middle of what the model says with this seed
     piece = next((full[i:i + 3] for i in range(8, len(full) - 3) if full[i:i + 3].isalnum()), None)
     assert piece, f"nothing to block in {full!r}"
-    with serving(model_dir, blocklist=["re:" + re.escape(piece)]) as srv:
+    with serving(model_dir, blocklist=["re:" + re.escape(piece)], engine_process=engine_process) as srv:
         with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, headers=headers(),
                           timeout=60) as resp:
             chunks = [json.loads(d) for d in sse_lines(resp) if d != "[DONE]"]
@@ -321,8 +336,9 @@ def test_body_too_large_is_413(model_dir):
                           json={"model": MODEL, "prompt": "ok", "max_tokens": 1}).status_code == 200
 
 
-def test_full_queue_is_429_with_retry_after(model_dir):
-    with serving(model_dir, max_batch_size=1, max_queue=1) as srv:
+@MODES
+def test_full_queue_is_429_with_retry_after(model_dir, engine_process):
+    with serving(model_dir, max_batch_size=1, max_queue=1, engine_process=engine_process) as srv:
         def job(tokens):
             return httpx.post(srv.url + "/v1/jobs", headers=headers(),
                               json={"prompt": "a", "max_tokens": tokens, **LONG})
@@ -337,8 +353,9 @@ def test_full_queue_is_429_with_retry_after(model_dir):
             client(srv).completions.create(model=MODEL, prompt="c", max_tokens=2)
 
 
-def test_request_timeout_is_504(model_dir):
-    with serving(model_dir, request_timeout_s=0.05) as srv:
+@MODES
+def test_request_timeout_is_504(model_dir, engine_process):
+    with serving(model_dir, request_timeout_s=0.05, engine_process=engine_process) as srv:
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), timeout=60,
                        json={"prompt": "a", "max_tokens": 250, **LONG})
         assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
@@ -346,8 +363,9 @@ def test_request_timeout_is_504(model_dir):
         assert srv.engine.generated_tokens_total < 250
 
 
-def test_disconnect_frees_the_slot(model_dir):
-    with serving(model_dir, max_batch_size=1) as srv:
+@MODES
+def test_disconnect_frees_the_slot(model_dir, engine_process):
+    with serving(model_dir, max_batch_size=1, engine_process=engine_process) as srv:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "stream": True, **LONG}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=headers(), timeout=60) as resp:
             lines = resp.iter_lines()

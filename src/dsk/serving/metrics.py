@@ -35,13 +35,19 @@ class _EngineCollector:
         yield GaugeMetricFamily("dsk_queue_depth", "Requests waiting for a batch slot.", value=e.queue_depth)
         yield GaugeMetricFamily("dsk_running_batch_size", "Sequences in the running batch.", value=e.running)
         yield GaugeMetricFamily("dsk_max_batch_size", "Batch slots (--max-batch-size).", value=e.max_batch_size)
-        if getattr(e.device, "type", "cpu") == "cuda":
+        if hasattr(e, "cuda_memory"):  # an engine process: its last report
+            memory = e.cuda_memory()
+        elif getattr(e.device, "type", "cpu") == "cuda":
             import torch
 
+            memory = (torch.cuda.memory_allocated(e.device), torch.cuda.max_memory_allocated(e.device))
+        else:
+            memory = None
+        if memory is not None:
             yield GaugeMetricFamily("dsk_cuda_memory_allocated_bytes", "CUDA memory allocated by torch.",
-                                    value=torch.cuda.memory_allocated(e.device))
+                                    value=memory[0])
             yield GaugeMetricFamily("dsk_cuda_max_memory_allocated_bytes", "Peak CUDA memory allocated by torch.",
-                                    value=torch.cuda.max_memory_allocated(e.device))
+                                    value=memory[1])
 
 
 class Metrics:
