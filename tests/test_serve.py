@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -388,6 +389,55 @@ def test_disconnect_frees_the_slot(model_dir, engine_process):
         assert r.status_code == 200
 
 
+def _pid_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # exited, not yet reaped by init
+
+
+def test_engine_process_crash_is_503_and_shutdown_leaves_no_process(model_dir):
+    with serving(model_dir, max_batch_size=2, engine_process=True) as srv:
+        pid = srv.engine.pid
+        assert not _pid_gone(pid)
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "stream": True, **LONG}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=headers(), timeout=60) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            os.kill(pid, signal.SIGKILL)  # the engine crashes mid-stream
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        # the open stream ends with an error event and [DONE], not a hang
+        assert rest[-1] == "[DONE]"
+        error = json.loads(rest[-2])["error"]
+        assert "engine process exited unexpectedly" in error["message"]
+        r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "b", "max_tokens": 2})
+        assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+    with serving(model_dir, engine_process=True) as srv:
+        proc = srv.engine._proc
+        r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "b", "max_tokens": 2})
+        assert r.status_code == 200
+    assert proc.poll() is not None  # stopped with the server
+
+
+def test_engine_process_exits_when_its_api_process_is_gone(model_dir):
+    from dsk.serving.engine_process import EngineProcess
+
+    engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(model_dir)},
+                           threads=1)
+    engine._conn.close()  # what the kernel does to the socket when the API process dies (even by SIGKILL)
+    assert engine._proc.wait(timeout=30) == 0
+
+
+def test_engine_process_start_up_error_is_one_line(tmp_path):
+    from dsk.serving.engine_process import EngineProcess
+
+    with pytest.raises(DskError, match="holds no tokenizer.json"):
+        EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(tmp_path)})
+
+
 # --------------------------------------------------------------------------- sampling in one batch
 
 
@@ -576,14 +626,16 @@ def test_cli_chat_local_and_remote(cli, model_artifact, model_dir, monkeypatch):
         assert code == 2 and "401" in err
 
 
-def test_dsk_serve_process(model_artifact, workspace):
-    """`dsk serve` in its own process: uvicorn on the given port, a key, then a clean stop."""
+@MODES
+def test_dsk_serve_process(model_artifact, workspace, engine_process):
+    """`dsk serve` in its own process: uvicorn on the given port, a key, then a clean stop (which
+    also ends the engine process of `--engine-process`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DSK_HOME": str(workspace), "PYTHONPATH": str(REPO / "src"), "DSK_API_KEYS": "k1,k2"}
     proc = subprocess.Popen([sys.executable, "-m", "dsk", "serve", "--port", str(port), "--device", "cpu",
-                             "--threads", "1"],
+                             "--threads", "1", *(["--engine-process"] if engine_process else [])],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -602,11 +654,21 @@ def test_dsk_serve_process(model_artifact, workspace):
                                       max_tokens=3)
         assert r.choices[0].message.role == "assistant"
         assert c.models.list().data[0].id == model_artifact.id
+        children = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _ppid(d) == proc.pid]
+        assert len(children) == (1 if engine_process else 0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode in (0, -15)
     assert "k1" not in proc.stderr.read()
+    wait_for(lambda: all(_pid_gone(pid) for pid in children), timeout_s=10, what="the engine process to exit")
+
+
+def _ppid(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # --------------------------------------------------------------------------- the ONNX backend
