@@ -39,6 +39,8 @@ VARIANTS = {
     "overlap-h11": ["--http", "h11", "--loop", "asyncio"],
     "overlap-si": ["--switch-interval", "0.0005"],
     "overlap-prof": ["--profile", "/tmp/serve_proxy_profile.txt"],
+    "engine-process": ["--engine-process"],
+    "engine-process-prof": ["--engine-process", "--profile", "/tmp/serve_proxy_profile.txt"],
 }
 
 
@@ -114,6 +116,21 @@ def make_codec(vocab_size: int) -> Any:
     return TextCodec(Tokenizer(train_bpe(text.split("\n\n"), vocab_size=vocab_size))), text
 
 
+def make_engine(*, vocab_size: int, max_batch_size: int, step_ms: float, row_ms: float, prefill_ms: float,
+                launch_us: float, overlaps: bool, codec: Any = None) -> Any:
+    """The engine over a SimulatedDevice (also the factory of the `--engine-process` child)."""
+    from dsk.serving.engine import Engine
+
+    if codec is None:
+        codec, text = make_codec(vocab_size)
+    else:
+        text = SAMPLE.read_text(encoding="utf-8")
+    corpus = [i for i in codec.encode(text[:200_000]) if i not in codec.stop_ids]
+    backend = SimulatedDevice(corpus, codec.vocab_size, 512, max_batch_size, step_ms=step_ms,
+                              row_ms=row_ms, prefill_ms=prefill_ms, launch_us=launch_us, overlaps=overlaps)
+    return Engine(backend, codec, max_batch_size=max_batch_size, max_queue=10000)
+
+
 def serve(args: argparse.Namespace) -> None:
     import torch
 
@@ -121,15 +138,18 @@ def serve(args: argparse.Namespace) -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     from dsk.serving.app import ServerConfig, create_app
-    from dsk.serving.engine import Engine
     from dsk.serving.server import bind_socket
 
-    codec, text = make_codec(args.vocab_size)
-    corpus = [i for i in codec.encode(text[:200_000]) if i not in codec.stop_ids]
-    backend = SimulatedDevice(corpus, codec.vocab_size, 512, args.max_batch_size, step_ms=args.step_ms,
-                              row_ms=args.row_ms, prefill_ms=args.prefill_ms, launch_us=args.launch_us,
-                              overlaps=not args.no_overlap)
-    engine = Engine(backend, codec, max_batch_size=args.max_batch_size, max_queue=10000)
+    codec, _ = make_codec(args.vocab_size)
+    device = dict(vocab_size=args.vocab_size, max_batch_size=args.max_batch_size, step_ms=args.step_ms,
+                  row_ms=args.row_ms, prefill_ms=args.prefill_ms, launch_us=args.launch_us,
+                  overlaps=not args.no_overlap)
+    if args.engine_process:
+        from dsk.serving.engine_process import EngineProcess
+
+        engine = EngineProcess("serve_proxy:make_engine", device, max_queue=10000, threads=1, sys_path=[str(HERE)])
+    else:
+        engine = make_engine(**device, codec=codec)
     app = create_app(engine, codec, ServerConfig(model_name="proxy", request_timeout_s=3600))
     import uvicorn
 
@@ -172,8 +192,18 @@ def _start_sampler(path: str, every_s: float = 0.0005) -> None:
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process and its children (an `--engine-process` server's engine)."""
+    total = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(d.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 class ProxyServer:
@@ -212,6 +242,7 @@ def main() -> int:
     sv.add_argument("--port", type=int, required=True)
     sv.add_argument("--max-batch-size", type=int, default=64)
     sv.add_argument("--no-overlap", action="store_true")
+    sv.add_argument("--engine-process", action="store_true", help="the engine core in its own process")
     sv.add_argument("--http", default="auto")
     sv.add_argument("--loop", default="auto")
     sv.add_argument("--switch-interval", type=float, default=0.0)
