@@ -191,9 +191,9 @@ def _start_sampler(path: str, every_s: float = 0.0005) -> None:
     threading.Thread(target=run, daemon=True, name="sampler").start()
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children (an `--engine-process` server's engine)."""
-    total = 0.0
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of a process, and of its children (an `--engine-process` server's engine)."""
+    own = children = 0.0
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
@@ -201,9 +201,12 @@ def _cpu_seconds(pid: int) -> float:
             fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(d.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if int(d.name) == pid:
+            own += cpu
+        elif int(fields[1]) == pid:
+            children += cpu
+    return own, children
 
 
 class ProxyServer:
@@ -282,16 +285,21 @@ def main() -> int:
             for n in clients:
                 for s in servers:
                     wait_idle(s.url)
-                    cpu = _cpu_seconds(s.proc.pid)
+                    own, kids = _cpu_seconds(s.proc.pid)
                     r = run_phase(s.url, "proxy", n, args.duration, args.max_tokens, args.client_procs)
-                    cpu = _cpu_seconds(s.proc.pid) - cpu
+                    own2, kids2 = _cpu_seconds(s.proc.pid)
+                    tokens = max(r["tokens_per_s"] * r["seconds"], 1)
                     r.update(variant=s.name, max_batch_size=s.max_batch_size, round=rnd,
-                             server_cpu_us_per_token=round(cpu / max(r["tokens_per_s"] * r["seconds"], 1) * 1e6, 1))
+                             server_cpu_us_per_token=round((own2 + kids2 - own - kids) / tokens * 1e6, 1),
+                             engine_process_cpu_us_per_token=round((kids2 - kids) / tokens * 1e6, 1),
+                             api_cpu_share=round((own2 - own) / r["seconds"], 2),
+                             engine_cpu_share=round((kids2 - kids) / r["seconds"], 2))
                     rows.append(r)
                     print(f"{s.name:<12} batch≤{s.max_batch_size:<3} clients={n:<3} {r['tokens_per_s']:>8.1f} tok/s "
                           f"step {r['step_ms']}ms fwd {r['forward_ms']}ms {r['tokens_per_step']} tok/step "
                           f"errors {r['errors']} client cpu {r['client_cpu_max']:.0%} "
-                          f"server {r['server_cpu_us_per_token']} CPU-us/token", flush=True)
+                          f"server {r['server_cpu_us_per_token']} CPU-us/token (engine process {r['engine_process_cpu_us_per_token']}), "
+                          f"CPU: API {r['api_cpu_share']:.0%} engine {r['engine_cpu_share']:.0%}", flush=True)
     finally:
         for s in servers:
             s.stop()

@@ -431,6 +431,34 @@ def test_engine_process_exits_when_its_api_process_is_gone(model_dir):
     assert engine._proc.wait(timeout=30) == 0
 
 
+def test_engine_process_gives_the_engine_threads_results(model_dir):
+    """Outside an event loop the API side reads on a thread; seeds, stop strings and usage agree."""
+    import queue
+
+    from dsk.serving.engine import collect, iter_queue
+    from dsk.serving.engine_process import EngineProcess
+
+    remote = EngineProcess("dsk.serving.engine_process:engine_from_artifact",
+                           {"artifact_dir": str(model_dir), "max_batch_size": 2}, threads=1).start()
+    local, codec = load_engine(model_dir, max_batch_size=2)
+    local.start()
+    try:
+        for params in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                       SamplingParams(temperature=1.0, seed=5, max_tokens=30, stop=("e ",), ignore_eos=True)):
+            got = []
+            for engine in (local, remote):
+                q = queue.Queue()
+                handle = engine.submit(codec.encode("ROMEO:"), params, q.put, n=2)
+                got.append(collect(iter_queue(q), n=2, request=handle))
+            assert [c.text for c in got[0].choices] == [c.text for c in got[1].choices]
+            assert [c.finish_reason for c in got[0].choices] == [c.finish_reason for c in got[1].choices]
+            assert got[0].usage == got[1].usage
+    finally:
+        local.stop()
+        remote.stop()
+    assert remote._proc.poll() is not None
+
+
 def test_engine_process_start_up_error_is_one_line(tmp_path):
     from dsk.serving.engine_process import EngineProcess
 

@@ -656,8 +656,12 @@ class LoopBridge:
         self._pending: list[tuple[Callable[[Event], None], Event]] = []
         self._scheduled = False
         self._lock = threading.Lock()
+        self._loop_thread = threading.get_ident()  # made on the loop (by the app's handlers)
 
     def send(self, deliver: Callable[[Event], None], event: Event) -> None:
+        if threading.get_ident() == self._loop_thread:
+            deliver(event)  # already on the loop (an engine process's reader): no hand-over
+            return
         with self._lock:
             self._pending.append((deliver, event))
             if self._scheduled:

@@ -27,6 +27,7 @@ process died, even by SIGKILL): no orphans. If the child dies, every open reques
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import importlib
 import json
@@ -128,6 +129,9 @@ class EngineProcess:
         self._running = 0
         self._latency_ema = 1.0
         self._reader: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._closed = threading.Event()  # set once the child's end is closed and its requests failed
         self._stopping = False
         self.failure: str | None = None  # why the engine is gone (None while it serves)
         self.steps = self.prompt_tokens_total = self.generated_tokens_total = 0
@@ -155,13 +159,29 @@ class EngineProcess:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "EngineProcess":
-        if self._reader is None:
+        """Start reading the engine's messages: on the running event loop when there is one
+        (the app's lifespan), so a step's events reach their streams without a thread handing
+        them over (and waiting for the loop's GIL); otherwise on a thread of its own."""
+        if self._started:
+            return self
+        self._started = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            self._loop = loop
+            loop.add_reader(self._conn.fileno(), self._on_readable)
+        else:
             self._reader = threading.Thread(target=self._read, name="dsk-engine-reader", daemon=True)
             self._reader.start()
         return self
 
     def stop(self) -> None:
-        """Stop the child (its open requests end with 503) and wait for it to exit."""
+        """Stop the child (its open requests end with 503) and wait for it to exit.
+
+        Called from any thread but the event loop's (the app's lifespan runs it in a worker
+        thread), since the loop must keep reading the child's last messages meanwhile."""
         self._stopping = True
         try:
             self._send({"op": "stop"})
@@ -172,8 +192,8 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             log.error("the engine process did not stop within 30s; killing it")
             self._kill()
-        if self._reader is not None:
-            self._reader.join(timeout=10)
+        if self._started:
+            self._closed.wait(timeout=10)
         else:
             self._conn.close()
 
@@ -208,7 +228,7 @@ class EngineProcess:
         """Queue a request in the engine process; raises ValueError, QueueFull or EngineUnavailable."""
         check_request(len(prompt_ids), params.max_tokens, n, max_len=self.max_len, max_batch_size=self.max_batch_size)
         check_vocab(prompt_ids, self.vocab_size)
-        if self.failure is not None or self._reader is None:
+        if self.failure is not None or not self._started:
             raise EngineUnavailable(self.failure or "the engine is not running")
         with self._lock:
             # the engine's own rule, on the counters its step messages keep current
@@ -254,6 +274,24 @@ class EngineProcess:
             pass
         except Exception:  # a bug here must not leave requests hanging: fail them below
             log.exception("reading the engine process's messages failed")
+        self._gone()
+
+    def _on_readable(self) -> None:
+        """The event loop's reader: every message already waiting, then back to the loop."""
+        try:
+            while self._conn.poll():
+                self._handle(json.loads(self._conn.recv_bytes()))
+            return
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            log.exception("reading the engine process's messages failed")
+        self._loop.remove_reader(self._conn.fileno())
+        # waiting for the child's exit code must not block the loop
+        threading.Thread(target=self._gone, name="dsk-engine-gone", daemon=True).start()
+
+    def _gone(self) -> None:
+        """The child closed its end (it stopped, or died): fail what is still open, with 503."""
         try:
             code = self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -270,6 +308,7 @@ class EngineProcess:
         for req in left:
             self._retire(req)
             self._deliver(req, Event("error", text=self.failure, code=503))
+        self._closed.set()
 
     def _deliver(self, req: _RemoteRequest, ev: Event) -> None:
         try:
