@@ -40,6 +40,7 @@ VARIANTS = {
     "overlap-si": ["--switch-interval", "0.0005"],
     "overlap-prof": ["--profile", "/tmp/serve_proxy_profile.txt"],
     "engine-process": ["--engine-process"],
+    "engine-process-thread": ["--engine-process", "--engine-reader", "thread"],
     "engine-process-prof": ["--engine-process", "--profile", "/tmp/serve_proxy_profile.txt"],
 }
 
@@ -147,7 +148,8 @@ def serve(args: argparse.Namespace) -> None:
     if args.engine_process:
         from dsk.serving.engine_process import EngineProcess
 
-        engine = EngineProcess("serve_proxy:make_engine", device, max_queue=10000, threads=1, sys_path=[str(HERE)])
+        engine = EngineProcess("serve_proxy:make_engine", device, max_queue=10000, threads=1, sys_path=[str(HERE)],
+                               reader=args.engine_reader)
     else:
         engine = make_engine(**device, codec=codec)
     app = create_app(engine, codec, ServerConfig(model_name="proxy", request_timeout_s=3600))
@@ -246,6 +248,8 @@ def main() -> int:
     sv.add_argument("--max-batch-size", type=int, default=64)
     sv.add_argument("--no-overlap", action="store_true")
     sv.add_argument("--engine-process", action="store_true", help="the engine core in its own process")
+    sv.add_argument("--engine-reader", default="loop", choices=["loop", "thread"],
+                    help="where the API process reads the engine's messages")
     sv.add_argument("--http", default="auto")
     sv.add_argument("--loop", default="auto")
     sv.add_argument("--switch-interval", type=float, default=0.0)

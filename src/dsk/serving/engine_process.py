@@ -105,8 +105,10 @@ class EngineProcess:
 
     def __init__(self, factory: str, kwargs: dict[str, Any], *, max_queue: int = 128,
                  content_filter: ContentFilter | None = None, threads: int = 0,
-                 sys_path: list[str] | tuple[str, ...] = (), start_timeout_s: float = 600.0):
+                 sys_path: list[str] | tuple[str, ...] = (), start_timeout_s: float = 600.0,
+                 reader: str = "loop"):
         self.max_queue = max_queue
+        self.reader = reader  # "loop": on the running event loop where there is one; "thread": always a thread
         self.content_filter = content_filter
         if content_filter is not None:
             if content_filter.lines is None:
@@ -166,7 +168,7 @@ class EngineProcess:
             return self
         self._started = True
         try:
-            loop = asyncio.get_running_loop()
+            loop = asyncio.get_running_loop() if self.reader == "loop" else None
         except RuntimeError:
             loop = None
         if loop is not None:
