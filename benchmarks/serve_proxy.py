@@ -13,6 +13,7 @@ of the same variant, so each ratio is measured at one time on a shared machine.
 
     $ python benchmarks/serve_proxy.py                              # defaults: H100-like steps
     $ python benchmarks/serve_proxy.py --variants overlap,sync --clients 1,16 --duration 6
+    $ python benchmarks/serve_proxy.py --variants overlap,engine-process --clients 1,16 --rounds 2
 """
 
 from __future__ import annotations
