@@ -130,9 +130,10 @@ def scrape(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
     for name in ("dsk_generated_tokens_total", "dsk_engine_steps_total", "dsk_engine_busy_seconds_total",
-                 "dsk_engine_forward_seconds_total", "process_resident_memory_bytes", "dsk_running_batch_size",
+                 "dsk_engine_forward_seconds_total", "dsk_admitted_requests_total", "dsk_queue_wait_seconds_total",
+                 "process_resident_memory_bytes", "dsk_running_batch_size",
                  "dsk_queue_depth", "dsk_cuda_memory_allocated_bytes", "dsk_cuda_max_memory_allocated_bytes"):
-        m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
         if m:
             out[name] = float(m.group(1))
     return out
@@ -262,6 +263,9 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
         # the share of wall time the engine thread was stepping at all
         "step_ms": round(busy / steps * 1000, 2), "forward_ms": round(forward / steps * 1000, 2),
         "engine_busy": round(busy / elapsed, 3), "tokens_per_step": round(generated / steps, 2),
+        # mean time a request waited from arrival to its batch row (a finished row's next
+        # request: the turnaround that leaves rows empty)
+        "queue_wait_ms": _queue_wait_ms(before, after),
         "ttft_p50_s": pct(stats["ttft"], 50), "ttft_p95_s": pct(stats["ttft"], 95),
         "latency_p50_s": pct(stats["latency"], 50), "latency_p95_s": pct(stats["latency"], 95),
         "errors": stats["errors"], "error_kinds": sorted(set(stats["error_kinds"]))[:5],
@@ -274,6 +278,15 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
         "client_procs": procs,
         "client_cpu_max": round(max(g["cpu_s"] for g in groups) / max(elapsed, 1e-9), 2),
     }
+
+
+def _queue_wait_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    name = "dsk_admitted_requests_total"
+    if name not in after:
+        return None
+    admitted = after[name] - before[name]
+    wait = after["dsk_queue_wait_seconds_total"] - before["dsk_queue_wait_seconds_total"]
+    return round(wait / admitted * 1000, 2) if admitted else None
 
 
 def wait_idle(url: str, timeout_s: float = 120) -> None:
@@ -314,7 +327,8 @@ class Server:
               f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
               f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB  "
               f"step {result['step_ms']}ms (forward {result['forward_ms']}ms, busy {result['engine_busy']:.0%}, "
-              f"{result['tokens_per_step']} tok/step; clients: {result['client_procs']} procs, "
+              f"{result['tokens_per_step']} tok/step, queue wait {result['queue_wait_ms']}ms; "
+              f"clients: {result['client_procs']} procs, "
               f"busiest {result['client_cpu_max']:.0%} CPU)", flush=True)
         return result
 
@@ -417,7 +431,9 @@ def write_report(result: dict) -> None:
     lines += ["", "Where a batched step's time goes (server side): "
               + ", ".join(f"{p['clients']} clients {p['step_ms']:.2f} ms/step ({p['forward_ms']:.2f} ms forward or "
                           f"waiting for the device, {p['tokens_per_step']:.1f} tokens/step, "
-                          f"engine busy {p['engine_busy']:.0%})" for p in result["batched"])]
+                          f"engine busy {p['engine_busy']:.0%}"
+                          + (f", queue wait {p['queue_wait_ms']:.1f} ms" if p.get("queue_wait_ms") is not None else "")
+                          + ")" for p in result["batched"])]
     if any("client_cpu_max" in p for p in result["batched"]):
         lines += ["", "Load generator (batched phases): "
                   + ", ".join(f"{p['clients']} clients on {p['client_procs']} process(es), busiest at "

@@ -301,7 +301,7 @@ def main() -> int:
                              engine_cpu_share=round((kids2 - kids) / r["seconds"], 2))
                     rows.append(r)
                     print(f"{s.name:<12} batch≤{s.max_batch_size:<3} clients={n:<3} {r['tokens_per_s']:>8.1f} tok/s "
-                          f"step {r['step_ms']}ms fwd {r['forward_ms']}ms {r['tokens_per_step']} tok/step "
+                          f"step {r['step_ms']}ms fwd {r['forward_ms']}ms {r['tokens_per_step']} tok/step queue wait {r['queue_wait_ms']}ms "
                           f"errors {r['errors']} client cpu {r['client_cpu_max']:.0%} "
                           f"server {r['server_cpu_us_per_token']} CPU-us/token (engine process {r['engine_process_cpu_us_per_token']}), "
                           f"CPU: API {r['api_cpu_share']:.0%} engine {r['engine_cpu_share']:.0%}", flush=True)

@@ -246,6 +246,11 @@ def test_models_health_metrics(server):
                  "process_resident_memory_bytes"):
         assert name in text, name
     assert re.search(r'dsk_requests_total\{endpoint="/v1/models",status="401"\} [1-9]', text)
+    # every admitted request counts, with its wait from arrival to its batch row (in an engine
+    # process too: the API process's arrival time travels with the request)
+    admitted = float(re.search(r"^dsk_admitted_requests_total (\S+)$", text, re.M).group(1))
+    waited = float(re.search(r"^dsk_queue_wait_seconds_total (\S+)$", text, re.M).group(1))
+    assert admitted >= 1 and 0 < waited < 60 * admitted
 
 
 def test_unknown_model_and_predict_without_table_model(server):

@@ -243,6 +243,8 @@ class Engine:
         self.generated_tokens_total = 0
         self.busy_seconds = 0.0  # inside scheduler steps
         self.forward_seconds = 0.0  # inside the model's forward passes (prefill + decode)
+        self.admitted_total = 0  # requests admitted into the running batch
+        self.queue_wait_seconds = 0.0  # their summed time from submit to admission
         # hooks for an engine in its own process (dsk.serving.engine_process): called on the
         # engine thread for each admitted request, and after every step (to ship its events)
         self.on_admit: Callable[[Request], None] | None = None
@@ -291,13 +293,18 @@ class Engine:
         *,
         n: int = 1,
         timeout_s: float | None = None,
+        created: float | None = None,
     ) -> Request:
-        """Queue a request; raises ValueError (bad lengths) or QueueFull. Never blocks."""
+        """Queue a request; raises ValueError (bad lengths) or QueueFull. Never blocks.
+
+        ``created``: when the request arrived (``time.monotonic()``, one clock for every process
+        on Linux), if earlier than now: an engine process gets it from its API process."""
         check_request(len(prompt_ids), params.max_tokens, n, max_len=self.max_len,
                       max_batch_size=self.max_batch_size)
         check_vocab(prompt_ids, self.vocab_size)
         deadline = time.monotonic() + timeout_s if timeout_s else None
-        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids))
+        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids),
+                      created=created if created is not None else time.monotonic())
         with self._cv:
             if self._stop or self._thread is None:
                 raise EngineUnavailable("the engine is not running")
@@ -399,6 +406,10 @@ class Engine:
                 budget -= cost
         if not admitted:
             return
+        now = time.monotonic()
+        for req in admitted:
+            self.queue_wait_seconds += now - req.created
+        self.admitted_total += len(admitted)
         if self.on_admit is not None:
             for req in admitted:
                 self.on_admit(req)

@@ -53,7 +53,8 @@ log = logging.getLogger("dsk.serving")
 _PARAM_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
                  "frequency_penalty", "seed", "max_tokens", "stop", "ignore_eos")
 # the counters a step message carries, in order
-_STATS = ("steps", "prompt_tokens_total", "generated_tokens_total", "busy_seconds", "forward_seconds")
+_STATS = ("steps", "prompt_tokens_total", "generated_tokens_total", "busy_seconds", "forward_seconds",
+          "admitted_total", "queue_wait_seconds")
 
 
 def _dumps(msg: dict[str, Any]) -> bytes:
@@ -138,6 +139,7 @@ class EngineProcess:
         self.failure: str | None = None  # why the engine is gone (None while it serves)
         self.steps = self.prompt_tokens_total = self.generated_tokens_total = 0
         self.busy_seconds = self.forward_seconds = 0.0
+        self.admitted_total, self.queue_wait_seconds = 0, 0.0
         self._cuda: list[int] | None = None
         atexit.register(self._kill)
         self._send({"op": "start", "factory": factory, "kwargs": kwargs, "sys_path": list(sys_path),
@@ -244,7 +246,7 @@ class EngineProcess:
         p["stop"] = list(params.stop)
         try:
             self._send({"op": "submit", "id": req.id, "prompt": [int(i) for i in prompt_ids], "params": p,
-                        "n": n, "timeout_s": timeout_s})
+                        "n": n, "timeout_s": timeout_s, "created": req.created})
         except EngineUnavailable:
             self._retire(req)
             raise
@@ -348,7 +350,7 @@ class EngineProcess:
         stats = msg.get("stats")
         if stats:
             (self.steps, self.prompt_tokens_total, self.generated_tokens_total, self.busy_seconds,
-             self.forward_seconds) = stats
+             self.forward_seconds, self.admitted_total, self.queue_wait_seconds) = stats
         if "cuda" in msg:
             self._cuda = msg["cuda"]
 
@@ -422,7 +424,8 @@ class EngineCore:
             fields["stop"] = tuple(str(s) for s in fields.get("stop", ()))
             params = SamplingParams(**fields)
             req = self.engine.submit([int(i) for i in msg["prompt"]], params, _Emit(self, rid),
-                                     n=int(msg.get("n", 1)), timeout_s=msg.get("timeout_s"))
+                                     n=int(msg.get("n", 1)), timeout_s=msg.get("timeout_s"),
+                                     created=_float_or_none(msg.get("created")))
         except Exception as exc:  # the API process checked it already; still answer, never hang it
             code = 400 if isinstance(exc, ValueError) else 503
             _Emit(self, rid)(Event("error", text=str(exc), code=code))
@@ -456,6 +459,12 @@ class EngineCore:
             e.stop()  # open requests end with 503 "shutting down", flushed by the last step hook
             self.conn.close()
         return 0
+
+
+def _float_or_none(value: Any) -> float | None:
+    # time.monotonic() is CLOCK_MONOTONIC, one clock for all processes on Linux: the API
+    # process's arrival time counts the hop to this process as queue time
+    return float(value) if isinstance(value, (int, float)) and value <= time.monotonic() else None
 
 
 def main(argv: list[str] | None = None) -> int:

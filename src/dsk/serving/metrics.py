@@ -32,6 +32,10 @@ class _EngineCollector:
         yield CounterMetricFamily("dsk_engine_busy_seconds", "Time spent in scheduler steps.", value=e.busy_seconds)
         yield CounterMetricFamily("dsk_engine_forward_seconds", "Time spent in model forward passes.",
                                   value=e.forward_seconds)
+        yield CounterMetricFamily("dsk_admitted_requests", "Requests admitted into the running batch.",
+                                  value=getattr(e, "admitted_total", 0))
+        yield CounterMetricFamily("dsk_queue_wait_seconds", "Summed time admitted requests waited from arrival "
+                                  "to their batch row.", value=getattr(e, "queue_wait_seconds", 0.0))
         yield GaugeMetricFamily("dsk_queue_depth", "Requests waiting for a batch slot.", value=e.queue_depth)
         yield GaugeMetricFamily("dsk_running_batch_size", "Sequences in the running batch.", value=e.running)
         yield GaugeMetricFamily("dsk_max_batch_size", "Batch slots (--max-batch-size).", value=e.max_batch_size)
