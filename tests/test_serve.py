@@ -464,6 +464,32 @@ def test_engine_process_gives_the_engine_threads_results(model_dir):
     assert remote._proc.poll() is not None
 
 
+def test_engine_process_stopped_on_its_event_loop_ends_open_requests(model_dir):
+    import asyncio
+
+    from dsk.serving.engine_process import EngineProcess
+    from dsk.serving.text import TextCodec
+
+    codec = TextCodec.from_artifact(model_dir)
+
+    async def run():
+        engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact",
+                               {"artifact_dir": str(model_dir)}, threads=1).start()  # reads on this loop
+        events = asyncio.Queue()
+        engine.submit(codec.encode("To be"), SamplingParams(max_tokens=250, ignore_eos=True), events.put_nowait)
+        first = await asyncio.wait_for(events.get(), 30)
+        engine.stop()  # on the loop itself: it cannot wait for the loop to read the last messages
+        rest = []
+        while not events.empty():
+            rest.append(events.get_nowait())
+        return engine, first, rest
+
+    engine, first, rest = asyncio.run(run())
+    assert first.kind == "delta"
+    assert rest[-1].kind == "error" and rest[-1].code == 503 and "shutting down" in rest[-1].text
+    assert engine._proc.poll() is not None and engine.failure == "the server is shutting down"
+
+
 def test_engine_process_start_up_error_is_one_line(tmp_path):
     from dsk.serving.engine_process import EngineProcess
 

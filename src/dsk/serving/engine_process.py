@@ -133,6 +133,8 @@ class EngineProcess:
         self._latency_ema = 1.0
         self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._gone_once = False
         self._started = False
         self._closed = threading.Event()  # set once the child's end is closed and its requests failed
         self._stopping = False
@@ -174,7 +176,7 @@ class EngineProcess:
         except RuntimeError:
             loop = None
         if loop is not None:
-            self._loop = loop
+            self._loop, self._loop_thread = loop, threading.get_ident()
             loop.add_reader(self._conn.fileno(), self._on_readable)
         else:
             self._reader = threading.Thread(target=self._read, name="dsk-engine-reader", daemon=True)
@@ -196,10 +198,14 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             log.error("the engine process did not stop within 30s; killing it")
             self._kill()
-        if self._started:
-            self._closed.wait(timeout=10)
-        else:
+        if not self._started:
             self._conn.close()
+        elif self._loop is not None and threading.get_ident() == self._loop_thread and not self._closed.is_set():
+            # called on the loop itself, which cannot read the child's last messages meanwhile
+            self._loop.remove_reader(self._conn.fileno())
+            self._gone()
+        else:
+            self._closed.wait(timeout=10)
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
@@ -296,6 +302,10 @@ class EngineProcess:
 
     def _gone(self) -> None:
         """The child closed its end (it stopped, or died): fail what is still open, with 503."""
+        with self._lock:
+            if self._gone_once:
+                return
+            self._gone_once = True
         try:
             code = self._proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
