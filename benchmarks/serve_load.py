@@ -131,7 +131,7 @@ def scrape(url: str) -> dict[str, float]:
     out = {}
     for name in ("dsk_generated_tokens_total", "dsk_engine_steps_total", "dsk_engine_busy_seconds_total",
                  "dsk_engine_forward_seconds_total", "dsk_admitted_requests_total", "dsk_queue_wait_seconds_total",
-                 "process_resident_memory_bytes", "dsk_running_batch_size",
+                 "process_resident_memory_bytes", "dsk_engine_process_resident_memory_bytes", "dsk_running_batch_size",
                  "dsk_queue_depth", "dsk_cuda_memory_allocated_bytes", "dsk_cuda_max_memory_allocated_bytes"):
         m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
         if m:
@@ -226,7 +226,7 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
 
     procs = max(1, min(procs, clients))
     before = scrape(url)
-    mem = [before.get("process_resident_memory_bytes", 0)]
+    mem = [_rss(before)]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start = time.time() + (2.0 if procs > 1 else 0.2)  # spawned processes need a moment to start
@@ -242,7 +242,7 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
     t0 = time.monotonic()
     while time.time() < end:
         time.sleep(min(1.0, max(end - time.time(), 0.01)))
-        mem.append(scrape(url).get("process_resident_memory_bytes", 0))
+        mem.append(_rss(scrape(url)))
     after = scrape(url)
     elapsed = time.monotonic() - t0
     groups = [out.get(timeout=120) for _ in workers]
@@ -278,6 +278,11 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
         "client_procs": procs,
         "client_cpu_max": round(max(g["cpu_s"] for g in groups) / max(elapsed, 1e-9), 2),
     }
+
+
+def _rss(metrics: dict[str, float]) -> float:
+    """The server's resident memory: with `--engine-process`, the API and engine processes together."""
+    return metrics.get("process_resident_memory_bytes", 0) + metrics.get("dsk_engine_process_resident_memory_bytes", 0)
 
 
 def _queue_wait_ms(before: dict[str, float], after: dict[str, float]) -> float | None:

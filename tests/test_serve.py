@@ -32,6 +32,7 @@ import torch
 from dsk.errors import DskError
 from dsk.serving.app import ServerConfig, create_app
 from dsk.serving.audit import AuditLog
+from dsk.serving.engine_process import EngineProcess
 from dsk.serving.filter import ContentFilter
 from dsk.serving.loader import load_engine
 from dsk.serving.sampling import SamplingParams
@@ -251,6 +252,8 @@ def test_models_health_metrics(server):
     admitted = float(re.search(r"^dsk_admitted_requests_total (\S+)$", text, re.M).group(1))
     waited = float(re.search(r"^dsk_queue_wait_seconds_total (\S+)$", text, re.M).group(1))
     assert admitted >= 1 and 0 < waited < 60 * admitted
+    if isinstance(server.engine, EngineProcess):  # the engine process's memory is reported too
+        assert re.search(r"^dsk_engine_process_resident_memory_bytes [1-9]", text, re.M)
 
 
 def test_unknown_model_and_predict_without_table_model(server):

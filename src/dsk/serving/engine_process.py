@@ -143,6 +143,7 @@ class EngineProcess:
         self.busy_seconds = self.forward_seconds = 0.0
         self.admitted_total, self.queue_wait_seconds = 0, 0.0
         self._cuda: list[int] | None = None
+        self.process_rss_bytes: int | None = None  # the engine process's resident memory, last report
         atexit.register(self._kill)
         self._send({"op": "start", "factory": factory, "kwargs": kwargs, "sys_path": list(sys_path),
                     "threads": threads})
@@ -361,6 +362,8 @@ class EngineProcess:
         if stats:
             (self.steps, self.prompt_tokens_total, self.generated_tokens_total, self.busy_seconds,
              self.forward_seconds, self.admitted_total, self.queue_wait_seconds) = stats
+        if "rss" in msg:
+            self.process_rss_bytes = msg["rss"]
         if "cuda" in msg:
             self._cuda = msg["cuda"]
 
@@ -394,7 +397,7 @@ class EngineCore:
         self.events: list[list[Any]] = []
         self.admitted: list[int] = []
         self.requests: dict[int, Any] = {}
-        self._cuda_at = 0.0
+        self._memory_at = 0.0
         self._gone = False
 
     def _admitted(self, req: Any) -> None:
@@ -419,11 +422,13 @@ class EngineCore:
         msg: dict[str, Any] = {"op": "step", "events": events, "admitted": admitted,
                                "stats": [getattr(e, name) for name in _STATS]}
         now = time.monotonic()
-        if getattr(e.device, "type", "cpu") == "cuda" and now - self._cuda_at > 0.5:
-            import torch
+        if now - self._memory_at > 0.5:  # memory twice a second, not every step
+            self._memory_at = now
+            msg["rss"] = _rss_bytes()
+            if getattr(e.device, "type", "cpu") == "cuda":
+                import torch
 
-            self._cuda_at = now
-            msg["cuda"] = [torch.cuda.memory_allocated(e.device), torch.cuda.max_memory_allocated(e.device)]
+                msg["cuda"] = [torch.cuda.memory_allocated(e.device), torch.cuda.max_memory_allocated(e.device)]
         self.send(msg)
 
     def submit(self, msg: dict[str, Any]) -> None:
@@ -469,6 +474,13 @@ class EngineCore:
             e.stop()  # open requests end with 503 "shutting down", flushed by the last step hook
             self.conn.close()
         return 0
+
+
+def _rss_bytes() -> int | None:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _float_or_none(value: Any) -> float | None:

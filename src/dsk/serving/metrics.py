@@ -39,6 +39,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("dsk_queue_depth", "Requests waiting for a batch slot.", value=e.queue_depth)
         yield GaugeMetricFamily("dsk_running_batch_size", "Sequences in the running batch.", value=e.running)
         yield GaugeMetricFamily("dsk_max_batch_size", "Batch slots (--max-batch-size).", value=e.max_batch_size)
+        rss = getattr(e, "process_rss_bytes", None)  # an engine process's own memory
+        if rss is not None:
+            yield GaugeMetricFamily("dsk_engine_process_resident_memory_bytes",
+                                    "Resident memory of the engine process (--engine-process).", value=rss)
         if hasattr(e, "cuda_memory"):  # an engine process: its last report
             memory = e.cuda_memory()
         elif getattr(e.device, "type", "cpu") == "cuda":
