@@ -41,7 +41,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from dsk.errors import DskError
 from dsk.serving.engine import (Event, EngineUnavailable, QueueFull, check_request, check_vocab)
@@ -107,7 +107,7 @@ class EngineProcess:
     def __init__(self, factory: str, kwargs: dict[str, Any], *, max_queue: int = 128,
                  content_filter: ContentFilter | None = None, threads: int = 0,
                  sys_path: list[str] | tuple[str, ...] = (), start_timeout_s: float = 600.0,
-                 reader: str = "loop"):
+                 reader: Literal["loop", "thread"] = "loop"):
         self.max_queue = max_queue
         self.reader = reader  # "loop": on the running event loop where there is one; "thread": always a thread
         self.content_filter = content_filter
@@ -154,7 +154,11 @@ class EngineProcess:
             if time.monotonic() > deadline:
                 self._kill()
                 raise DskError(f"the engine process did not start within {start_timeout_s:g}s")
-        msg = json.loads(self._conn.recv_bytes())
+        try:
+            msg = json.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            self._conn.close()
+            raise DskError(f"the engine process exited during start-up (exit code {self._proc.wait(timeout=30)})") from None
         if msg["op"] == "failed":
             self._proc.wait(timeout=30)
             self._conn.close()
@@ -187,8 +191,9 @@ class EngineProcess:
     def stop(self) -> None:
         """Stop the child (its open requests end with 503) and wait for it to exit.
 
-        Called from any thread but the event loop's (the app's lifespan runs it in a worker
-        thread), since the loop must keep reading the child's last messages meanwhile."""
+        Best called off the event loop (the app's lifespan runs it in a worker thread), so the
+        loop can read the child's last messages meanwhile; on the loop, what is still open is
+        failed with the same 503 without them."""
         self._stopping = True
         try:
             self._send({"op": "stop"})
