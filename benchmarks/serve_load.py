@@ -18,6 +18,7 @@ finished requests count toward latency.
     $ python benchmarks/serve_load.py                  # CPU, small preset, ~3 minutes
     $ python benchmarks/serve_load.py --quick          # shorter phases, 1/4/16 clients
     $ python benchmarks/serve_load.py --device cuda --preset base --duration 20
+    $ python benchmarks/serve_load.py --quick --compare-server-args=--engine-process   # two modes, one run
 """
 
 from __future__ import annotations
@@ -310,6 +311,7 @@ class Server:
                  extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.extra = list(extra)
         self.max_batch_size = max_batch_size
         self.model_id = model_id
         self.proc = start_server(home, model_id, max_batch_size=max_batch_size, device=device, port=self.port,
@@ -415,7 +417,9 @@ def write_report(result: dict) -> None:
         f"context {result['context']}), device `{result['device']}`, chat requests of {result['max_tokens']} "
         f"tokens, {result['duration_s']:g} s per phase, server torch threads {result['threads'] or 'default'}"
         f"{', server options ' + repr(result['server_args']) if result.get('server_args') else ''}, "
-        f"HTTP {result.get('http_stack', '?')}. {result['machine']}",
+        f"HTTP {result.get('http_stack', '?')}. {result['machine']}"
+        + "".join(f". Phases alternated with a server pair run with {('options ' + repr(a)) if a else 'no extra options'}"
+                  " (its own report)" for a in result.get("alternated_with") or []),
         "",
         "| clients | tok/s batched | tok/s batch 1 | speed-up | TTFT p50 / p95 batched | TTFT p50 / p95 batch 1 "
         "| latency p50 / p95 batched | latency p50 / p95 batch 1 | done (b / 1) | errors (b / 1) "
@@ -480,6 +484,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="4 s phases, 1/4/16 clients")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--server-args", default="", help="extra `dsk serve` options for both servers, e.g. '--no-overlap'")
+    ap.add_argument("--compare-server-args", default=None,
+                    help="also run a second pair of servers (batched + batch 1) with these `dsk serve` options, "
+                         "phases alternating with the first pair's, written as NAME_compare.{json,md}; e.g. "
+                         "'--engine-process'")
     ap.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine measurement")
     args = ap.parse_args()
     if args.quick:
@@ -497,26 +505,38 @@ def main() -> int:
         cfg = ModelConfig.from_dict(json.loads((art.path / "config.json").read_text()))
         print(f"model {model_id}: preset {args.preset}, {art.metrics['params'] / 1e6:.1f}M params; "
               f"device {args.device}", flush=True)
-        # both servers stay up (an idle one costs no CPU) and their phases alternate, so that
-        # each pair of numbers compared was measured at nearly the same time on a shared machine
-        extra = args.server_args.split()
-        servers = [Server(home, model_id, max_batch_size=args.max_batch_size, device=args.device,
-                          threads=args.threads, extra=extra)]
-        if not args.skip_baseline:
-            servers.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads,
-                                  extra=extra))
-        batched, baseline = [], []
+        # every server stays up (an idle one costs no CPU) and their phases alternate, so that
+        # each pair of numbers compared was measured at nearly the same time on a shared machine;
+        # one pair (batched + batch 1) per set of options (the second: --compare-server-args)
+        pairs = [(args.out_name, args.server_args)]
+        if args.compare_server_args is not None:
+            pairs.append((args.out_name + "_compare", " ".join([args.server_args, args.compare_server_args]).strip()))
+        servers: list[list[Server]] = []
+        for _name, server_args in pairs:
+            extra = server_args.split()
+            pair = [Server(home, model_id, max_batch_size=args.max_batch_size, device=args.device,
+                           threads=args.threads, extra=extra)]
+            if not args.skip_baseline:
+                pair.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads,
+                                   extra=extra))
+            servers.append(pair)
+        phases: list[tuple[list[dict], list[dict]]] = [([], []) for _ in pairs]
         try:
-            for server in servers:
-                server.warm_up()
+            for pair in servers:
+                for server in pair:
+                    server.warm_up()
             for n in clients:
                 procs = args.client_procs or (1 if args.device == "cpu" else -(-n // 8))
-                batched.append(servers[0].phase(n, args.duration, args.max_tokens, procs))
-                if len(servers) > 1:
-                    baseline.append(servers[1].phase(n, args.duration, args.max_tokens, procs))
+                for (batched, baseline), pair in zip(phases, servers):
+                    if len(pairs) > 1:
+                        print(f"  [{' '.join(pair[0].extra) or 'default'}]", flush=True)
+                    batched.append(pair[0].phase(n, args.duration, args.max_tokens, procs))
+                    if len(pair) > 1:
+                        baseline.append(pair[1].phase(n, args.duration, args.max_tokens, procs))
         finally:
-            for server in servers:
-                server.stop()
+            for pair in servers:
+                for server in pair:
+                    server.stop()
         engine_rows = [] if args.skip_engine_only else engine_only(
             art.path, batch_sizes=sorted({1, *clients}), device=args.device, threads=args.threads,
             max_tokens=args.max_tokens)
@@ -528,16 +548,20 @@ def main() -> int:
             import torch
 
             machine += f", {torch.cuda.get_device_name(0)}"
-        result = {
-            "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
-            "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
-            "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
-            "threads": args.threads, "out_name": args.out_name, "http_stack": http_stack(), "server_args": args.server_args,
-            "out_dir": args.out_dir,
-            "batched": batched, "baseline": baseline, "engine_only": engine_rows, "engine_only_eager": eager_rows, "wall_s": round(time.monotonic() - started, 1),
-        }
-        write_report(result)
-        return 0 if all(p["errors"] == 0 for p in batched + baseline) else 1
+        ok = True
+        for (out_name, server_args), (batched, baseline) in zip(pairs, phases):
+            result = {
+                "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
+                "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
+                "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
+                "threads": args.threads, "out_name": out_name, "http_stack": http_stack(), "server_args": server_args,
+                "out_dir": args.out_dir, "alternated_with": [a for _, a in pairs if a != server_args],
+                "batched": batched, "baseline": baseline, "engine_only": engine_rows, "engine_only_eager": eager_rows,
+                "wall_s": round(time.monotonic() - started, 1),
+            }
+            write_report(result)
+            ok = ok and all(p["errors"] == 0 for p in batched + baseline)
+        return 0 if ok else 1
     finally:
         shutil.rmtree(home, ignore_errors=True)
 
