@@ -302,9 +302,9 @@ class Engine:
         check_request(len(prompt_ids), params.max_tokens, n, max_len=self.max_len,
                       max_batch_size=self.max_batch_size)
         check_vocab(prompt_ids, self.vocab_size)
-        deadline = time.monotonic() + timeout_s if timeout_s else None
-        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids),
-                      created=created if created is not None else time.monotonic())
+        created = created if created is not None else time.monotonic()
+        deadline = created + timeout_s if timeout_s else None  # the timeout counts from arrival
+        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids), created=created)
         with self._cv:
             if self._stop or self._thread is None:
                 raise EngineUnavailable("the engine is not running")
