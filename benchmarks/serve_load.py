@@ -18,6 +18,7 @@ finished requests count toward latency.
     $ python benchmarks/serve_load.py                  # CPU, small preset, ~3 minutes
     $ python benchmarks/serve_load.py --quick          # shorter phases, 1/4/16 clients
     $ python benchmarks/serve_load.py --device cuda --preset base --duration 20
+    $ python benchmarks/serve_load.py --quick --compare-server-args=--engine-process   # two modes, one run
 """
 
 from __future__ import annotations
@@ -130,9 +131,10 @@ def scrape(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=10).text
     out = {}
     for name in ("dsk_generated_tokens_total", "dsk_engine_steps_total", "dsk_engine_busy_seconds_total",
-                 "dsk_engine_forward_seconds_total", "process_resident_memory_bytes", "dsk_running_batch_size",
+                 "dsk_engine_forward_seconds_total", "dsk_admitted_requests_total", "dsk_queue_wait_seconds_total",
+                 "process_resident_memory_bytes", "dsk_engine_process_resident_memory_bytes", "dsk_running_batch_size",
                  "dsk_queue_depth", "dsk_cuda_memory_allocated_bytes", "dsk_cuda_max_memory_allocated_bytes"):
-        m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
+        m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
         if m:
             out[name] = float(m.group(1))
     return out
@@ -225,7 +227,7 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
 
     procs = max(1, min(procs, clients))
     before = scrape(url)
-    mem = [before.get("process_resident_memory_bytes", 0)]
+    mem = [_rss(before)]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start = time.time() + (2.0 if procs > 1 else 0.2)  # spawned processes need a moment to start
@@ -241,7 +243,7 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
     t0 = time.monotonic()
     while time.time() < end:
         time.sleep(min(1.0, max(end - time.time(), 0.01)))
-        mem.append(scrape(url).get("process_resident_memory_bytes", 0))
+        mem.append(_rss(scrape(url)))
     after = scrape(url)
     elapsed = time.monotonic() - t0
     groups = [out.get(timeout=120) for _ in workers]
@@ -262,6 +264,9 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
         # the share of wall time the engine thread was stepping at all
         "step_ms": round(busy / steps * 1000, 2), "forward_ms": round(forward / steps * 1000, 2),
         "engine_busy": round(busy / elapsed, 3), "tokens_per_step": round(generated / steps, 2),
+        # mean time a request waited from arrival to its batch row (a finished row's next
+        # request: the turnaround that leaves rows empty)
+        "queue_wait_ms": _queue_wait_ms(before, after),
         "ttft_p50_s": pct(stats["ttft"], 50), "ttft_p95_s": pct(stats["ttft"], 95),
         "latency_p50_s": pct(stats["latency"], 50), "latency_p95_s": pct(stats["latency"], 95),
         "errors": stats["errors"], "error_kinds": sorted(set(stats["error_kinds"]))[:5],
@@ -274,6 +279,20 @@ def run_phase(url: str, model: str, clients: int, duration: float, max_tokens: i
         "client_procs": procs,
         "client_cpu_max": round(max(g["cpu_s"] for g in groups) / max(elapsed, 1e-9), 2),
     }
+
+
+def _rss(metrics: dict[str, float]) -> float:
+    """The server's resident memory: with `--engine-process`, the API and engine processes together."""
+    return metrics.get("process_resident_memory_bytes", 0) + metrics.get("dsk_engine_process_resident_memory_bytes", 0)
+
+
+def _queue_wait_ms(before: dict[str, float], after: dict[str, float]) -> float | None:
+    name = "dsk_admitted_requests_total"
+    if name not in after:
+        return None
+    admitted = after[name] - before[name]
+    wait = after["dsk_queue_wait_seconds_total"] - before["dsk_queue_wait_seconds_total"]
+    return round(wait / admitted * 1000, 2) if admitted else None
 
 
 def wait_idle(url: str, timeout_s: float = 120) -> None:
@@ -292,6 +311,7 @@ class Server:
                  extra: list[str] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.extra = list(extra)
         self.max_batch_size = max_batch_size
         self.model_id = model_id
         self.proc = start_server(home, model_id, max_batch_size=max_batch_size, device=device, port=self.port,
@@ -314,7 +334,8 @@ class Server:
               f"TTFT p50 {fmt(result['ttft_p50_s'])}  latency p50 {fmt(result['latency_p50_s'])}  "
               f"done {result['completed']}  errors {result['errors']}  RSS {result['rss_end_mb']} MB  "
               f"step {result['step_ms']}ms (forward {result['forward_ms']}ms, busy {result['engine_busy']:.0%}, "
-              f"{result['tokens_per_step']} tok/step; clients: {result['client_procs']} procs, "
+              f"{result['tokens_per_step']} tok/step, queue wait {result['queue_wait_ms']}ms; "
+              f"clients: {result['client_procs']} procs, "
               f"busiest {result['client_cpu_max']:.0%} CPU)", flush=True)
         return result
 
@@ -396,7 +417,9 @@ def write_report(result: dict) -> None:
         f"context {result['context']}), device `{result['device']}`, chat requests of {result['max_tokens']} "
         f"tokens, {result['duration_s']:g} s per phase, server torch threads {result['threads'] or 'default'}"
         f"{', server options ' + repr(result['server_args']) if result.get('server_args') else ''}, "
-        f"HTTP {result.get('http_stack', '?')}. {result['machine']}",
+        f"HTTP {result.get('http_stack', '?')}. {result['machine']}"
+        + "".join(f". Phases alternated with a server pair run with {('options ' + repr(a)) if a else 'no extra options'}"
+                  " (its own report)" for a in result.get("alternated_with") or []),
         "",
         "| clients | tok/s batched | tok/s batch 1 | speed-up | TTFT p50 / p95 batched | TTFT p50 / p95 batch 1 "
         "| latency p50 / p95 batched | latency p50 / p95 batch 1 | done (b / 1) | errors (b / 1) "
@@ -417,7 +440,9 @@ def write_report(result: dict) -> None:
     lines += ["", "Where a batched step's time goes (server side): "
               + ", ".join(f"{p['clients']} clients {p['step_ms']:.2f} ms/step ({p['forward_ms']:.2f} ms forward or "
                           f"waiting for the device, {p['tokens_per_step']:.1f} tokens/step, "
-                          f"engine busy {p['engine_busy']:.0%})" for p in result["batched"])]
+                          f"engine busy {p['engine_busy']:.0%}"
+                          + (f", queue wait {p['queue_wait_ms']:.1f} ms" if p.get("queue_wait_ms") is not None else "")
+                          + ")" for p in result["batched"])]
     if any("client_cpu_max" in p for p in result["batched"]):
         lines += ["", "Load generator (batched phases): "
                   + ", ".join(f"{p['clients']} clients on {p['client_procs']} process(es), busiest at "
@@ -459,6 +484,10 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="4 s phases, 1/4/16 clients")
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--server-args", default="", help="extra `dsk serve` options for both servers, e.g. '--no-overlap'")
+    ap.add_argument("--compare-server-args", default=None,
+                    help="also run a second pair of servers (batched + batch 1) with these `dsk serve` options, "
+                         "phases alternating with the first pair's, written as NAME_compare.{json,md}; e.g. "
+                         "'--engine-process'")
     ap.add_argument("--skip-engine-only", action="store_true", help="skip the in-process engine measurement")
     args = ap.parse_args()
     if args.quick:
@@ -476,26 +505,38 @@ def main() -> int:
         cfg = ModelConfig.from_dict(json.loads((art.path / "config.json").read_text()))
         print(f"model {model_id}: preset {args.preset}, {art.metrics['params'] / 1e6:.1f}M params; "
               f"device {args.device}", flush=True)
-        # both servers stay up (an idle one costs no CPU) and their phases alternate, so that
-        # each pair of numbers compared was measured at nearly the same time on a shared machine
-        extra = args.server_args.split()
-        servers = [Server(home, model_id, max_batch_size=args.max_batch_size, device=args.device,
-                          threads=args.threads, extra=extra)]
-        if not args.skip_baseline:
-            servers.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads,
-                                  extra=extra))
-        batched, baseline = [], []
+        # every server stays up (an idle one costs no CPU) and their phases alternate, so that
+        # each pair of numbers compared was measured at nearly the same time on a shared machine;
+        # one pair (batched + batch 1) per set of options (the second: --compare-server-args)
+        pairs = [(args.out_name, args.server_args)]
+        if args.compare_server_args is not None:
+            pairs.append((args.out_name + "_compare", " ".join([args.server_args, args.compare_server_args]).strip()))
+        servers: list[list[Server]] = []
+        for _name, server_args in pairs:
+            extra = server_args.split()
+            pair = [Server(home, model_id, max_batch_size=args.max_batch_size, device=args.device,
+                           threads=args.threads, extra=extra)]
+            if not args.skip_baseline:
+                pair.append(Server(home, model_id, max_batch_size=1, device=args.device, threads=args.threads,
+                                   extra=extra))
+            servers.append(pair)
+        phases: list[tuple[list[dict], list[dict]]] = [([], []) for _ in pairs]
         try:
-            for server in servers:
-                server.warm_up()
+            for pair in servers:
+                for server in pair:
+                    server.warm_up()
             for n in clients:
                 procs = args.client_procs or (1 if args.device == "cpu" else -(-n // 8))
-                batched.append(servers[0].phase(n, args.duration, args.max_tokens, procs))
-                if len(servers) > 1:
-                    baseline.append(servers[1].phase(n, args.duration, args.max_tokens, procs))
+                for (batched, baseline), pair in zip(phases, servers):
+                    if len(pairs) > 1:
+                        print(f"  [{' '.join(pair[0].extra) or 'default'}]", flush=True)
+                    batched.append(pair[0].phase(n, args.duration, args.max_tokens, procs))
+                    if len(pair) > 1:
+                        baseline.append(pair[1].phase(n, args.duration, args.max_tokens, procs))
         finally:
-            for server in servers:
-                server.stop()
+            for pair in servers:
+                for server in pair:
+                    server.stop()
         engine_rows = [] if args.skip_engine_only else engine_only(
             art.path, batch_sizes=sorted({1, *clients}), device=args.device, threads=args.threads,
             max_tokens=args.max_tokens)
@@ -507,16 +548,20 @@ def main() -> int:
             import torch
 
             machine += f", {torch.cuda.get_device_name(0)}"
-        result = {
-            "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
-            "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
-            "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
-            "threads": args.threads, "out_name": args.out_name, "http_stack": http_stack(), "server_args": args.server_args,
-            "out_dir": args.out_dir,
-            "batched": batched, "baseline": baseline, "engine_only": engine_rows, "engine_only_eager": eager_rows, "wall_s": round(time.monotonic() - started, 1),
-        }
-        write_report(result)
-        return 0 if all(p["errors"] == 0 for p in batched + baseline) else 1
+        ok = True
+        for (out_name, server_args), (batched, baseline) in zip(pairs, phases):
+            result = {
+                "preset": args.preset, "params": art.metrics["params"], "vocab_size": cfg.vocab_size,
+                "context": cfg.max_seq_len, "device": args.device, "max_tokens": args.max_tokens,
+                "duration_s": args.duration, "max_batch_size": args.max_batch_size, "machine": machine,
+                "threads": args.threads, "out_name": out_name, "http_stack": http_stack(), "server_args": server_args,
+                "out_dir": args.out_dir, "alternated_with": [a for _, a in pairs if a != server_args],
+                "batched": batched, "baseline": baseline, "engine_only": engine_rows, "engine_only_eager": eager_rows,
+                "wall_s": round(time.monotonic() - started, 1),
+            }
+            write_report(result)
+            ok = ok and all(p["errors"] == 0 for p in batched + baseline)
+        return 0 if ok else 1
     finally:
         shutil.rmtree(home, ignore_errors=True)
 

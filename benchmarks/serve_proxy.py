@@ -13,6 +13,7 @@ of the same variant, so each ratio is measured at one time on a shared machine.
 
     $ python benchmarks/serve_proxy.py                              # defaults: H100-like steps
     $ python benchmarks/serve_proxy.py --variants overlap,sync --clients 1,16 --duration 6
+    $ python benchmarks/serve_proxy.py --variants overlap,engine-process --clients 1,16 --rounds 2
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ VARIANTS = {
     "overlap-h11": ["--http", "h11", "--loop", "asyncio"],
     "overlap-si": ["--switch-interval", "0.0005"],
     "overlap-prof": ["--profile", "/tmp/serve_proxy_profile.txt"],
+    "engine-process": ["--engine-process"],
+    "engine-process-thread": ["--engine-process", "--engine-reader", "thread"],
+    "engine-process-prof": ["--engine-process", "--profile", "/tmp/serve_proxy_profile.txt"],
 }
 
 
@@ -114,6 +118,21 @@ def make_codec(vocab_size: int) -> Any:
     return TextCodec(Tokenizer(train_bpe(text.split("\n\n"), vocab_size=vocab_size))), text
 
 
+def make_engine(*, vocab_size: int, max_batch_size: int, step_ms: float, row_ms: float, prefill_ms: float,
+                launch_us: float, overlaps: bool, codec: Any = None) -> Any:
+    """The engine over a SimulatedDevice (also the factory of the `--engine-process` child)."""
+    from dsk.serving.engine import Engine
+
+    if codec is None:
+        codec, text = make_codec(vocab_size)
+    else:
+        text = SAMPLE.read_text(encoding="utf-8")
+    corpus = [i for i in codec.encode(text[:200_000]) if i not in codec.stop_ids]
+    backend = SimulatedDevice(corpus, codec.vocab_size, 512, max_batch_size, step_ms=step_ms,
+                              row_ms=row_ms, prefill_ms=prefill_ms, launch_us=launch_us, overlaps=overlaps)
+    return Engine(backend, codec, max_batch_size=max_batch_size, max_queue=10000)
+
+
 def serve(args: argparse.Namespace) -> None:
     import torch
 
@@ -121,15 +140,19 @@ def serve(args: argparse.Namespace) -> None:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     from dsk.serving.app import ServerConfig, create_app
-    from dsk.serving.engine import Engine
     from dsk.serving.server import bind_socket
 
-    codec, text = make_codec(args.vocab_size)
-    corpus = [i for i in codec.encode(text[:200_000]) if i not in codec.stop_ids]
-    backend = SimulatedDevice(corpus, codec.vocab_size, 512, args.max_batch_size, step_ms=args.step_ms,
-                              row_ms=args.row_ms, prefill_ms=args.prefill_ms, launch_us=args.launch_us,
-                              overlaps=not args.no_overlap)
-    engine = Engine(backend, codec, max_batch_size=args.max_batch_size, max_queue=10000)
+    codec, _ = make_codec(args.vocab_size)
+    device = dict(vocab_size=args.vocab_size, max_batch_size=args.max_batch_size, step_ms=args.step_ms,
+                  row_ms=args.row_ms, prefill_ms=args.prefill_ms, launch_us=args.launch_us,
+                  overlaps=not args.no_overlap)
+    if args.engine_process:
+        from dsk.serving.engine_process import EngineProcess
+
+        engine = EngineProcess("serve_proxy:make_engine", device, max_queue=10000, threads=1, sys_path=[str(HERE)],
+                               reader=args.engine_reader)
+    else:
+        engine = make_engine(**device, codec=codec)
     app = create_app(engine, codec, ServerConfig(model_name="proxy", request_timeout_s=3600))
     import uvicorn
 
@@ -171,9 +194,22 @@ def _start_sampler(path: str, every_s: float = 0.0005) -> None:
     threading.Thread(target=run, daemon=True, name="sampler").start()
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of a process, and of its children (an `--engine-process` server's engine)."""
+    own = children = 0.0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if int(d.name) == pid:
+            own += cpu
+        elif int(fields[1]) == pid:
+            children += cpu
+    return own, children
 
 
 class ProxyServer:
@@ -212,6 +248,9 @@ def main() -> int:
     sv.add_argument("--port", type=int, required=True)
     sv.add_argument("--max-batch-size", type=int, default=64)
     sv.add_argument("--no-overlap", action="store_true")
+    sv.add_argument("--engine-process", action="store_true", help="the engine core in its own process")
+    sv.add_argument("--engine-reader", default="loop", choices=["loop", "thread"],
+                    help="where the API process reads the engine's messages")
     sv.add_argument("--http", default="auto")
     sv.add_argument("--loop", default="auto")
     sv.add_argument("--switch-interval", type=float, default=0.0)
@@ -251,16 +290,21 @@ def main() -> int:
             for n in clients:
                 for s in servers:
                     wait_idle(s.url)
-                    cpu = _cpu_seconds(s.proc.pid)
+                    own, kids = _cpu_seconds(s.proc.pid)
                     r = run_phase(s.url, "proxy", n, args.duration, args.max_tokens, args.client_procs)
-                    cpu = _cpu_seconds(s.proc.pid) - cpu
+                    own2, kids2 = _cpu_seconds(s.proc.pid)
+                    tokens = max(r["tokens_per_s"] * r["seconds"], 1)
                     r.update(variant=s.name, max_batch_size=s.max_batch_size, round=rnd,
-                             server_cpu_us_per_token=round(cpu / max(r["tokens_per_s"] * r["seconds"], 1) * 1e6, 1))
+                             server_cpu_us_per_token=round((own2 + kids2 - own - kids) / tokens * 1e6, 1),
+                             engine_process_cpu_us_per_token=round((kids2 - kids) / tokens * 1e6, 1),
+                             api_cpu_share=round((own2 - own) / r["seconds"], 2),
+                             engine_cpu_share=round((kids2 - kids) / r["seconds"], 2))
                     rows.append(r)
                     print(f"{s.name:<12} batch≤{s.max_batch_size:<3} clients={n:<3} {r['tokens_per_s']:>8.1f} tok/s "
-                          f"step {r['step_ms']}ms fwd {r['forward_ms']}ms {r['tokens_per_step']} tok/step "
+                          f"step {r['step_ms']}ms fwd {r['forward_ms']}ms {r['tokens_per_step']} tok/step queue wait {r['queue_wait_ms']}ms "
                           f"errors {r['errors']} client cpu {r['client_cpu_max']:.0%} "
-                          f"server {r['server_cpu_us_per_token']} CPU-us/token", flush=True)
+                          f"server {r['server_cpu_us_per_token']} CPU-us/token (engine process {r['engine_process_cpu_us_per_token']}), "
+                          f"CPU: API {r['api_cpu_share']:.0%} engine {r['engine_cpu_share']:.0%}", flush=True)
     finally:
         for s in servers:
             s.stop()

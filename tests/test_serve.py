@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import torch
 from dsk.errors import DskError
 from dsk.serving.app import ServerConfig, create_app
 from dsk.serving.audit import AuditLog
+from dsk.serving.engine_process import EngineProcess
 from dsk.serving.filter import ContentFilter
 from dsk.serving.loader import load_engine
 from dsk.serving.sampling import SamplingParams
@@ -73,10 +75,19 @@ def model_dir(tmp_path_factory):
 
 
 @contextmanager
-def serving(model_dir, *, blocklist=None, audit=None, max_batch_size=4, max_queue=16, **config):
+def serving(model_dir, *, blocklist=None, audit=None, max_batch_size=4, max_queue=16, engine_process=False, **config):
     content_filter = ContentFilter.from_lines(blocklist) if blocklist else None
-    engine, codec = load_engine(model_dir, max_batch_size=max_batch_size, max_queue=max_queue,
-                                content_filter=content_filter)
+    if engine_process:  # `dsk serve --engine-process`: the engine core in a child process
+        from dsk.serving.engine_process import EngineProcess
+        from dsk.serving.text import TextCodec
+
+        codec = TextCodec.from_artifact(model_dir)
+        engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact",
+                               {"artifact_dir": str(model_dir), "max_batch_size": max_batch_size},
+                               max_queue=max_queue, content_filter=content_filter, threads=1)
+    else:
+        engine, codec = load_engine(model_dir, max_batch_size=max_batch_size, max_queue=max_queue,
+                                    content_filter=content_filter)
     config.setdefault("api_keys", (KEY, KEY2))
     app = create_app(engine, codec, ServerConfig(model_name=MODEL, **config), audit=audit)
     with ServerThread(app) as server:
@@ -84,10 +95,15 @@ def serving(model_dir, *, blocklist=None, audit=None, max_batch_size=4, max_queu
         yield server
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
+# the engine in the server's process (a thread), or in its own (`--engine-process`)
+MODES = pytest.mark.parametrize("engine_process", [False, True], ids=["engine-thread", "engine-process"])
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["engine-thread", "engine-process"])
+def server(model_dir, tmp_path_factory, request):
     audit_path = tmp_path_factory.mktemp("audit") / "audit.jsonl"
-    with serving(model_dir, blocklist=["badword", r"re:\bsecret-\d+\b"], audit=AuditLog(audit_path)) as s:
+    with serving(model_dir, blocklist=["badword", r"re:\bsecret-\d+\b"], audit=AuditLog(audit_path),
+                 engine_process=request.param) as s:
         s.audit_path = audit_path
         yield s
 
@@ -196,7 +212,8 @@ def test_filtered_prompt_is_400_with_reason(server):
     assert ok.status_code == 200
 
 
-def test_streamed_output_is_filtered(model_dir):
+@MODES
+def test_streamed_output_is_filtered(model_dir, engine_process):
     body = {"model": MODEL, "prompt": "First Citizen:", "max_tokens": 40, "temperature": 1.0, "seed": 11, **LONG}
     with serving(model_dir) as plain:
         full = httpx.post(plain.url + "/v1/completions", json=body, headers=headers(), timeout=60).json()
@@ -204,7 +221,7 @@ def test_streamed_output_is_filtered(model_dir):
     # block a piece from the middle of what the model says with this seed
     piece = next((full[i:i + 3] for i in range(8, len(full) - 3) if full[i:i + 3].isalnum()), None)
     assert piece, f"nothing to block in {full!r}"
-    with serving(model_dir, blocklist=["re:" + re.escape(piece)]) as srv:
+    with serving(model_dir, blocklist=["re:" + re.escape(piece)], engine_process=engine_process) as srv:
         with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True}, headers=headers(),
                           timeout=60) as resp:
             chunks = [json.loads(d) for d in sse_lines(resp) if d != "[DONE]"]
@@ -230,6 +247,13 @@ def test_models_health_metrics(server):
                  "process_resident_memory_bytes"):
         assert name in text, name
     assert re.search(r'dsk_requests_total\{endpoint="/v1/models",status="401"\} [1-9]', text)
+    # every admitted request counts, with its wait from arrival to its batch row (in an engine
+    # process too: the API process's arrival time travels with the request)
+    admitted = float(re.search(r"^dsk_admitted_requests_total (\S+)$", text, re.M).group(1))
+    waited = float(re.search(r"^dsk_queue_wait_seconds_total (\S+)$", text, re.M).group(1))
+    assert admitted >= 1 and 0 < waited < 60 * admitted
+    if isinstance(server.engine, EngineProcess):  # the engine process's memory is reported too
+        assert re.search(r"^dsk_engine_process_resident_memory_bytes [1-9]", text, re.M)
 
 
 def test_unknown_model_and_predict_without_table_model(server):
@@ -321,8 +345,9 @@ def test_body_too_large_is_413(model_dir):
                           json={"model": MODEL, "prompt": "ok", "max_tokens": 1}).status_code == 200
 
 
-def test_full_queue_is_429_with_retry_after(model_dir):
-    with serving(model_dir, max_batch_size=1, max_queue=1) as srv:
+@MODES
+def test_full_queue_is_429_with_retry_after(model_dir, engine_process):
+    with serving(model_dir, max_batch_size=1, max_queue=1, engine_process=engine_process) as srv:
         def job(tokens):
             return httpx.post(srv.url + "/v1/jobs", headers=headers(),
                               json={"prompt": "a", "max_tokens": tokens, **LONG})
@@ -337,8 +362,9 @@ def test_full_queue_is_429_with_retry_after(model_dir):
             client(srv).completions.create(model=MODEL, prompt="c", max_tokens=2)
 
 
-def test_request_timeout_is_504(model_dir):
-    with serving(model_dir, request_timeout_s=0.05) as srv:
+@MODES
+def test_request_timeout_is_504(model_dir, engine_process):
+    with serving(model_dir, request_timeout_s=0.05, engine_process=engine_process) as srv:
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), timeout=60,
                        json={"prompt": "a", "max_tokens": 250, **LONG})
         assert r.status_code == 504 and "timeout" in r.json()["error"]["message"]
@@ -346,8 +372,9 @@ def test_request_timeout_is_504(model_dir):
         assert srv.engine.generated_tokens_total < 250
 
 
-def test_disconnect_frees_the_slot(model_dir):
-    with serving(model_dir, max_batch_size=1) as srv:
+@MODES
+def test_disconnect_frees_the_slot(model_dir, engine_process):
+    with serving(model_dir, max_batch_size=1, engine_process=engine_process) as srv:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "stream": True, **LONG}
         with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=headers(), timeout=60) as resp:
             lines = resp.iter_lines()
@@ -368,6 +395,109 @@ def test_disconnect_frees_the_slot(model_dir):
         # and the slot serves the next request
         r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "c", "max_tokens": 2, **LONG})
         assert r.status_code == 200
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # exited, not yet reaped by init
+
+
+def test_engine_process_crash_is_503_and_shutdown_leaves_no_process(model_dir):
+    with serving(model_dir, max_batch_size=2, engine_process=True) as srv:
+        pid = srv.engine.pid
+        assert not _pid_gone(pid)
+        body = {"model": MODEL, "prompt": "a", "max_tokens": 250, "stream": True, **LONG}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers=headers(), timeout=60) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            os.kill(pid, signal.SIGKILL)  # the engine crashes mid-stream
+            rest = [line[6:] for line in lines if line.startswith("data: ")]
+        # the open stream ends with an error event and [DONE], not a hang
+        assert rest[-1] == "[DONE]"
+        error = json.loads(rest[-2])["error"]
+        assert "engine process exited unexpectedly" in error["message"]
+        r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "b", "max_tokens": 2})
+        assert r.status_code == 503 and "engine process exited" in r.json()["error"]["message"]
+        health = httpx.get(srv.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+    with serving(model_dir, engine_process=True) as srv:
+        proc = srv.engine._proc
+        r = httpx.post(srv.url + "/v1/completions", headers=headers(), json={"prompt": "b", "max_tokens": 2})
+        assert r.status_code == 200
+    assert proc.poll() is not None  # stopped with the server
+
+
+def test_engine_process_exits_when_its_api_process_is_gone(model_dir):
+    from dsk.serving.engine_process import EngineProcess
+
+    engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(model_dir)},
+                           threads=1)
+    engine._conn.close()  # what the kernel does to the socket when the API process dies (even by SIGKILL)
+    assert engine._proc.wait(timeout=30) == 0
+
+
+def test_engine_process_gives_the_engine_threads_results(model_dir):
+    """Outside an event loop the API side reads on a thread; seeds, stop strings and usage agree."""
+    import queue
+
+    from dsk.serving.engine import collect, iter_queue
+    from dsk.serving.engine_process import EngineProcess
+
+    remote = EngineProcess("dsk.serving.engine_process:engine_from_artifact",
+                           {"artifact_dir": str(model_dir), "max_batch_size": 2}, threads=1).start()
+    local, codec = load_engine(model_dir, max_batch_size=2)
+    local.start()
+    try:
+        for params in (SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                       SamplingParams(temperature=1.0, seed=5, max_tokens=30, stop=("e ",), ignore_eos=True)):
+            got = []
+            for engine in (local, remote):
+                q = queue.Queue()
+                handle = engine.submit(codec.encode("ROMEO:"), params, q.put, n=2)
+                got.append(collect(iter_queue(q), n=2, request=handle))
+            assert [c.text for c in got[0].choices] == [c.text for c in got[1].choices]
+            assert [c.finish_reason for c in got[0].choices] == [c.finish_reason for c in got[1].choices]
+            assert got[0].usage == got[1].usage
+    finally:
+        local.stop()
+        remote.stop()
+    assert remote._proc.poll() is not None
+
+
+def test_engine_process_stopped_on_its_event_loop_ends_open_requests(model_dir):
+    import asyncio
+
+    from dsk.serving.engine_process import EngineProcess
+    from dsk.serving.text import TextCodec
+
+    codec = TextCodec.from_artifact(model_dir)
+
+    async def run():
+        engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact",
+                               {"artifact_dir": str(model_dir)}, threads=1).start()  # reads on this loop
+        events = asyncio.Queue()
+        engine.submit(codec.encode("To be"), SamplingParams(max_tokens=250, ignore_eos=True), events.put_nowait)
+        first = await asyncio.wait_for(events.get(), 30)
+        engine.stop()  # on the loop itself: it cannot wait for the loop to read the last messages
+        rest = []
+        while not events.empty():
+            rest.append(events.get_nowait())
+        return engine, first, rest
+
+    engine, first, rest = asyncio.run(run())
+    assert first.kind == "delta"
+    assert rest[-1].kind == "error" and rest[-1].code == 503 and "shutting down" in rest[-1].text
+    assert engine._proc.poll() is not None and engine.failure == "the server is shutting down"
+
+
+def test_engine_process_start_up_error_is_one_line(tmp_path):
+    from dsk.serving.engine_process import EngineProcess
+
+    with pytest.raises(DskError, match="holds no tokenizer.json"):
+        EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(tmp_path)})
 
 
 # --------------------------------------------------------------------------- sampling in one batch
@@ -558,14 +688,16 @@ def test_cli_chat_local_and_remote(cli, model_artifact, model_dir, monkeypatch):
         assert code == 2 and "401" in err
 
 
-def test_dsk_serve_process(model_artifact, workspace):
-    """`dsk serve` in its own process: uvicorn on the given port, a key, then a clean stop."""
+@MODES
+def test_dsk_serve_process(model_artifact, workspace, engine_process):
+    """`dsk serve` in its own process: uvicorn on the given port, a key, then a clean stop (which
+    also ends the engine process of `--engine-process`)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "DSK_HOME": str(workspace), "PYTHONPATH": str(REPO / "src"), "DSK_API_KEYS": "k1,k2"}
     proc = subprocess.Popen([sys.executable, "-m", "dsk", "serve", "--port", str(port), "--device", "cpu",
-                             "--threads", "1"],
+                             "--threads", "1", *(["--engine-process"] if engine_process else [])],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -584,11 +716,21 @@ def test_dsk_serve_process(model_artifact, workspace):
                                       max_tokens=3)
         assert r.choices[0].message.role == "assistant"
         assert c.models.list().data[0].id == model_artifact.id
+        children = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit() and _ppid(d) == proc.pid]
+        assert len(children) == (1 if engine_process else 0)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
     assert proc.returncode in (0, -15)
     assert "k1" not in proc.stderr.read()
+    wait_for(lambda: all(_pid_gone(pid) for pid in children), timeout_s=10, what="the engine process to exit")
+
+
+def _ppid(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # --------------------------------------------------------------------------- the ONNX backend

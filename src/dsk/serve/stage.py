@@ -36,9 +36,22 @@ def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
     from dsk.serving.loader import load_engine
 
     content_filter = ContentFilter.load(params.blocklist) if params.blocklist else None
-    engine, codec = load_engine(art.path, backend=params.backend, device=params.device,
-                                max_batch_size=params.max_batch_size, max_queue=params.max_queue,
-                                content_filter=content_filter, overlap=params.overlap)
+    if params.engine_process:
+        from dsk.serving.engine_process import EngineProcess
+        from dsk.serving.text import TextCodec
+
+        if not (Path(art.path) / "tokenizer.json").is_file():
+            raise DskError(f"{str(art.path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+        codec = TextCodec.from_artifact(art.path)
+        engine = EngineProcess(
+            "dsk.serving.engine_process:engine_from_artifact",
+            {"artifact_dir": str(art.path), "backend": params.backend, "device": params.device,
+             "max_batch_size": params.max_batch_size, "overlap": params.overlap},
+            max_queue=params.max_queue, content_filter=content_filter, threads=params.threads)
+    else:
+        engine, codec = load_engine(art.path, backend=params.backend, device=params.device,
+                                    max_batch_size=params.max_batch_size, max_queue=params.max_queue,
+                                    content_filter=content_filter, overlap=params.overlap)
     config = ServerConfig(
         model_name=params.model_name or art.id,
         aliases=tuple(dict.fromkeys([art.id, "dsk"])),
@@ -77,6 +90,7 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
     console.info(
         f"serving {art.stage} [bold]{art.id}[/bold] as {config.model_name!r} on "
         f"http://{params.host}:{params.port} (device {engine.device}, max batch {engine.max_batch_size}, "
+        f"{'engine process %d, ' % engine.pid if params.engine_process else ''}"
         f"{'%d API key(s)' % len(keys) if keys else 'no API key'}); Ctrl-C stops"
     )
     serve_forever(app, params.host, params.port, log_level=params.log_level)

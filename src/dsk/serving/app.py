@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from dsk.errors import DskError
 from dsk.serving.audit import AuditLog
 from dsk.serving.auth import KeyChecker
-from dsk.serving.engine import Engine, Event, QueueFull, Result, collect
+from dsk.serving.engine import Engine, EngineUnavailable, Event, QueueFull, Result, collect
 from dsk.serving.filter import ContentFilter
 from dsk.serving.metrics import Metrics
 from dsk.serving.sampling import SamplingParams
@@ -283,6 +283,8 @@ def create_app(
             return eng.submit(ids, params, on_event, n=n, timeout_s=config.request_timeout_s)
         except QueueFull as exc:
             raise ApiError(429, str(exc), code="queue_full", headers={"Retry-After": str(exc.retry_after)}) from None
+        except EngineUnavailable as exc:
+            raise ApiError(503, str(exc), code="engine_unavailable") from None
         except ValueError as exc:
             name = "max_tokens" if "max_tokens" in str(exc) else ("n" if str(exc).startswith("n=") else param)
             raise ApiError(400, str(exc), param=name, code="context_length_exceeded" if "context" in str(exc) else None) from None
@@ -498,14 +500,18 @@ def create_app(
         return {"object": "list", "data": data}
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    async def health() -> Any:
+        failure = getattr(engine, "failure", None)  # an engine process that exited
+        body = {
+            "status": "ok" if failure is None else "error",
             "model": config.model_name,
             "queue_depth": engine.queue_depth if engine else 0,
             "running": engine.running if engine else 0,
             "max_batch_size": engine.max_batch_size if engine else 0,
         }
+        if failure is not None:
+            return JSONResponse({**body, "error": failure}, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -650,8 +656,12 @@ class LoopBridge:
         self._pending: list[tuple[Callable[[Event], None], Event]] = []
         self._scheduled = False
         self._lock = threading.Lock()
+        self._loop_thread = threading.get_ident()  # made on the loop (by the app's handlers)
 
     def send(self, deliver: Callable[[Event], None], event: Event) -> None:
+        if threading.get_ident() == self._loop_thread:
+            deliver(event)  # already on the loop (an engine process's reader): no hand-over
+            return
         with self._lock:
             self._pending.append((deliver, event))
             if self._scheduled:

@@ -62,6 +62,36 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine is not running (stopped, or its process exited): answered as 503."""
+
+
+def check_request(n_prompt: int, max_tokens: int, n: int, *, max_len: int, max_batch_size: int) -> None:
+    """Raise ValueError with a client-facing message when a request cannot fit the context."""
+    if n_prompt < 1:
+        raise ValueError("the prompt is empty")
+    if n_prompt >= max_len:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens; this model's context is {max_len} tokens "
+            f"(shorten the prompt)"
+        )
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    if n_prompt + max_tokens > max_len:
+        raise ValueError(
+            f"max_tokens={max_tokens} plus the prompt's {n_prompt} tokens exceeds this model's "
+            f"context of {max_len} tokens; ask for at most {max_len - n_prompt}"
+        )
+    if not 1 <= n <= max_batch_size:
+        raise ValueError(f"n={n} must be between 1 and the server's max batch size {max_batch_size}")
+
+
+def check_vocab(prompt_ids: list[int], vocab_size: int) -> None:
+    for i in prompt_ids:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{vocab_size - 1})")
+
+
 class Codec(Protocol):
     """What the engine needs from a tokenizer."""
 
@@ -213,6 +243,12 @@ class Engine:
         self.generated_tokens_total = 0
         self.busy_seconds = 0.0  # inside scheduler steps
         self.forward_seconds = 0.0  # inside the model's forward passes (prefill + decode)
+        self.admitted_total = 0  # requests admitted into the running batch
+        self.queue_wait_seconds = 0.0  # their summed time from submit to admission
+        # hooks for an engine in its own process (dsk.serving.engine_process): called on the
+        # engine thread for each admitted request, and after every step (to ship its events)
+        self.on_admit: Callable[[Request], None] | None = None
+        self.after_step: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Engine":
@@ -247,20 +283,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def check_lengths(self, n_prompt: int, max_tokens: int) -> None:
         """Raise ValueError with a client-facing message when a request cannot fit the context."""
-        if n_prompt < 1:
-            raise ValueError("the prompt is empty")
-        if n_prompt >= self.max_len:
-            raise ValueError(
-                f"the prompt is {n_prompt} tokens; this model's context is {self.max_len} tokens "
-                f"(shorten the prompt)"
-            )
-        if max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
-        if n_prompt + max_tokens > self.max_len:
-            raise ValueError(
-                f"max_tokens={max_tokens} plus the prompt's {n_prompt} tokens exceeds this model's "
-                f"context of {self.max_len} tokens; ask for at most {self.max_len - n_prompt}"
-            )
+        check_request(n_prompt, max_tokens, 1, max_len=self.max_len, max_batch_size=self.max_batch_size)
 
     def submit(
         self,
@@ -270,19 +293,21 @@ class Engine:
         *,
         n: int = 1,
         timeout_s: float | None = None,
+        created: float | None = None,
     ) -> Request:
-        """Queue a request; raises ValueError (bad lengths) or QueueFull. Never blocks."""
-        self.check_lengths(len(prompt_ids), params.max_tokens)
-        if not 1 <= n <= self.max_batch_size:
-            raise ValueError(f"n={n} must be between 1 and the server's max batch size {self.max_batch_size}")
-        bad = [i for i in prompt_ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        deadline = time.monotonic() + timeout_s if timeout_s else None
-        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids))
+        """Queue a request; raises ValueError (bad lengths) or QueueFull. Never blocks.
+
+        ``created``: when the request arrived (``time.monotonic()``, one clock for every process
+        on Linux), if earlier than now: an engine process gets it from its API process."""
+        check_request(len(prompt_ids), params.max_tokens, n, max_len=self.max_len,
+                      max_batch_size=self.max_batch_size)
+        check_vocab(prompt_ids, self.vocab_size)
+        created = created if created is not None else time.monotonic()
+        deadline = created + timeout_s if timeout_s else None  # the timeout counts from arrival
+        req = Request(list(prompt_ids), params, n, on_event, deadline, id=next(self._ids), created=created)
         with self._cv:
             if self._stop or self._thread is None:
-                raise RuntimeError("the engine is not running")
+                raise EngineUnavailable("the engine is not running")
             # requests that free rows will take at the next step are not "queued"
             free_rows = max(self.max_batch_size - len(self._running), 0)
             if len(self._waiting) >= self.max_queue + free_rows:
@@ -321,7 +346,11 @@ class Engine:
             except Exception as exc:  # a bug or device error: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"internal error in the engine: {exc.__class__.__name__}: {exc}")
+            if self.after_step is not None:
+                self.after_step()
         self._fail_all("the server is shutting down", code=503)
+        if self.after_step is not None:
+            self.after_step()
 
     def _step(self) -> None:
         started = time.perf_counter()
@@ -377,6 +406,13 @@ class Engine:
                 budget -= cost
         if not admitted:
             return
+        now = time.monotonic()
+        for req in admitted:
+            self.queue_wait_seconds += now - req.created
+        self.admitted_total += len(admitted)
+        if self.on_admit is not None:
+            for req in admitted:
+                self.on_admit(req)
         new: list[Choice] = []
         for req in admitted:
             for i in range(req.n):

@@ -34,6 +34,7 @@ class FilterMatch:
 class ContentFilter:
     def __init__(self, rules: list[tuple[str, int, "regex.Pattern[str]"]]):
         self.rules = rules
+        self.lines: list[str] | None = None  # the source lines (from_lines): rebuilt in an engine process
 
     @classmethod
     def from_lines(cls, lines: list[str], *, where: str = "blocklist") -> "ContentFilter":
@@ -54,7 +55,9 @@ class ContentFilter:
                 right = r"\b" if regex.search(r"\w$", line) else ""
                 compiled = regex.compile(left + regex.escape(line) + right, regex.IGNORECASE)
             rules.append((line, number, compiled))
-        return cls(rules)
+        out = cls(rules)
+        out.lines = list(lines)
+        return out
 
     @classmethod
     def load(cls, path: str | Path) -> "ContentFilter":
