@@ -240,6 +240,7 @@ def test_models_health_metrics(server):
     health = httpx.get(server.url + "/health").json()
     assert health["status"] == "ok" and health["max_batch_size"] == 4
     client(server).completions.create(model=MODEL, prompt="Hi", max_tokens=3, extra_body=LONG)
+    assert httpx.get(server.url + "/v1/models").status_code == 401  # no key: counted as a 401
     text = httpx.get(server.url + "/metrics").text
     for name in ('dsk_requests_total{endpoint="/v1/completions",status="200"}', "dsk_generated_tokens_total",
                  "dsk_prompt_tokens_total", "dsk_queue_depth", "dsk_running_batch_size",
