@@ -153,6 +153,18 @@ def test_only_adapter_params_change_under_lora(preset, targets):
     assert any(not torch.equal(after[k], torch.zeros_like(after[k])) for k in after if "lora_B" in k)
 
 
+def logits_with_random_adapters(model, vocab_size: int):
+    """Give every adapter parameter random values (fresh B matrices are zero) and return a batch
+    of token ids with the model's logits on it."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.1)
+    model.eval()
+    x = torch.randint(0, vocab_size, (2, 20))
+    return x, model(x).logits
+
+
 @pytest.mark.parametrize("preset, targets, arch, dora", [
     ("tiny", ("attn", "mlp", "experts"), {}, False),
     ("tiny-dense", ("attn", "mlp"), {}, False),
@@ -168,13 +180,7 @@ def test_merged_logits_equal_base_plus_adapter(preset, targets, arch, dora, tmp_
     save_model(model, tmp_path, tokenizer=tok.hf)
     cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=targets, dora=dora, token_ids=[tok.end_id, tok.bos_id]))
     assert dora == any("lora_magnitude" in n for n, _ in model.named_parameters())
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.1)
-    model.eval()
-    x = torch.randint(0, tok.vocab_size, (2, 20))
-    with_adapters = model(x).logits
+    x, with_adapters = logits_with_random_adapters(model, tok.vocab_size)
     save_adapters(model, cfg, tmp_path)  # next to the base: an unmerged LoRA artifact
     merged = copy.deepcopy(model)
     assert merge_lora(merged) > 0
@@ -203,13 +209,7 @@ def test_lora_projections_restrict_the_adapters_and_still_merge_exactly(tmp_path
     save_model(model, tmp_path, tokenizer=tok.hf)
     cfg = add_lora(model, LoraConfig(rank=4, alpha=8, targets=("attn", "mlp"), projections=("wv", "wo", "w2")))
     assert {m.rsplit(".", 1)[-1] for m in cfg.modules} == {"wv", "wo", "w2"}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.1)
-    model.eval()
-    x = torch.randint(0, tok.vocab_size, (2, 20))
-    with_adapters = model(x).logits
+    x, with_adapters = logits_with_random_adapters(model, tok.vocab_size)
     save_adapters(model, cfg, tmp_path)
     loaded, _, _ = load_model(tmp_path)  # the stored config re-creates the same adapters
     torch.testing.assert_close(loaded(x).logits, with_adapters, rtol=1e-4, atol=1e-5)
