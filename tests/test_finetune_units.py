@@ -253,6 +253,16 @@ def test_lora_on_experts_of_a_dense_model_is_an_error():
     tok = char_tokenizer()
     with pytest.raises(DskError, match="match no module"):
         add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("experts",)))
+    with pytest.raises(DskError, match="match no module"):  # the chat-token rows alone are not the targets
+        add_lora(tiny_model(tok, preset="tiny-dense"), LoraConfig(targets=("experts",), token_ids=[tok.end_id]))
+
+
+def test_lora_projections_are_refused_with_the_experts_target():
+    # LoraExperts adapts w1, w2 and w3 together: a projection subset there would be silently ignored
+    tok = char_tokenizer()
+    for targets in (("experts",), ("attn", "experts")):
+        with pytest.raises(DskError, match="routed experts take adapters on w1, w2 and w3 together"):
+            add_lora(tiny_model(tok, preset="tiny"), LoraConfig(targets=targets, projections=("w1",)))
 
 
 # --------------------------------------------------------------------------- DPO

@@ -36,7 +36,7 @@ class Params(StageParams):
     lora_projections: list[str] = Field(
         default_factory=list,
         description="Only these projections of the targets, e.g. --lora-projections wv,wo (attention: wq wk wv wo, "
-        "or MLA's wq wq_a wq_b wkv_a wkv_b wo; mlp: w1 w2 w3); empty: all of them.",
+        "or MLA's wq wq_a wq_b wkv_a wkv_b wo; mlp: w1 w2 w3; not with the experts target); empty: all of them.",
     )
     lora_dora: bool = Field(
         False, description="DoRA (Liu et al. 2024): adapters also learn a magnitude per output row of each adapted "

@@ -212,6 +212,10 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
     unknown = [n for n in cfg.projections if n not in PROJECTIONS]
     if unknown:
         raise DskError(f"LoRA projection {unknown[0]!r} is not one of {', '.join(PROJECTIONS)}")
+    if cfg.projections and "experts" in cfg.targets:
+        # the routed experts' adapters come as one w1/w2/w3 set (LoraExperts): a subset would be ignored
+        raise DskError("LoRA projections choose among the attn and mlp projections; the routed experts "
+                       "take adapters on w1, w2 and w3 together, so drop 'experts' from the targets or the projections")
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(cfg.init_seed)
@@ -265,7 +269,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
     if missing and seen:
         raise DskError(f"LoRA projection {missing[0]!r} is not in this model's {'/'.join(cfg.targets)} "
                        f"(it has {', '.join(sorted(seen))})")
-    if not adapted or (cfg.projections and adapted in (["embed", "head"], [])):
+    # the chat-token rows alone do not count: 'experts' on a dense model adapts nothing of the targets
+    if all(m in ("embed", "head") for m in adapted):
         raise DskError(f"LoRA targets {list(cfg.targets)}{' / projections ' + str(list(cfg.projections)) if cfg.projections else ''} match no module of this model (e.g. 'experts' on a dense model)")
     cfg.modules = adapted
     return cfg
