@@ -334,3 +334,18 @@ def test_packed_rows_equal_examples_run_apart(preset):
         torch.testing.assert_close(packed[s:e], alone, rtol=1e-4, atol=1e-5)
     # and without the mask they differ (the later examples see the earlier ones)
     assert (model(x).logits[0, starts[1]:starts[2]] - packed[starts[1]:starts[2]]).abs().max() > 1e-4
+
+
+def test_params_added_later_leave_existing_artifact_ids_alone():
+    # the dump is the artifact id's params: new LoRA fields at their defaults must not move the ids
+    # made before them, while the moved LoRA default lr must (a lora run on the default records it)
+    from dsk.finetune import Params
+    from dsk.finetune.params import DEFAULT_LR
+
+    new = {"lora_projections", "lora_dora", "lora_plus_ratio"}
+    for method in ("lora", "full", "dpo"):
+        assert not new & set(Params(data="x.jsonl", method=method, lr=1e-3).model_dump(mode="json"))
+    assert Params(data="x.jsonl", method="full").model_dump(mode="json")["lr"] is None
+    assert Params(data="x.jsonl").model_dump(mode="json")["lr"] == DEFAULT_LR["lora"]
+    dump = Params(data="x.jsonl", lora_projections="wv", lora_dora=True, lora_plus_ratio=4).model_dump(mode="json")
+    assert (dump["lora_projections"], dump["lora_dora"], dump["lora_plus_ratio"]) == (["wv"], True, 4.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer
 
 from dsk.config import StageParams, TrainingFields
 
@@ -85,6 +85,19 @@ class Params(StageParams):
         if isinstance(value, str):
             return [t.strip() for t in value.split(",") if t.strip()]
         return value
+
+    @model_serializer(mode="wrap")
+    def _stable_id(self, handler):
+        # the dump is the artifact id's params: fields added after artifacts were made are left out at
+        # their defaults so those ids stay valid; the LoRA default lr moved (5e-3 -> 1e-2), so a lora run
+        # on the default records the lr it uses and cannot hit an artifact trained at the old one
+        data = handler(self)
+        for key, default in (("lora_projections", []), ("lora_dora", False), ("lora_plus_ratio", 1.0)):
+            if data.get(key) == default:
+                data.pop(key)
+        if self.lr is None and self.method == "lora":
+            data["lr"] = DEFAULT_LR["lora"]
+        return data
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
