@@ -27,11 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from dsk.data.chat import (  # noqa: F401  (re-exported: the finetune stage's data API)
-    IGNORE, BadLine, Encoded, Kind, Record, encode_instructions, encode_preferences, pack, parse_line, read_jsonl,
-    reject,
-)
-from dsk.data.chat import xy_rows as _xy
+from dsk.data.chat import IGNORE, Encoded, pack, xy_rows
+from dsk.data.chat import encode_instructions, encode_preferences, parse_line, read_jsonl  # noqa: F401  (re-exported)
 
 
 def split(items: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -113,12 +110,12 @@ class SFTData:
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         start = (step * self.grad_accum + micro) * self.batch_size
         idx = [self._order(k) for k in range(start, start + self.batch_size)]
-        return _xy(self.train_ids[idx], self.train_labels[idx])
+        return xy_rows(self.train_ids[idx], self.train_labels[idx])
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ids, labels = (self.val_ids, self.val_labels) if len(self.val_ids) else (self.train_ids, self.train_labels)
         for i in range(0, len(ids), self.batch_size):
-            yield _xy(ids[i : i + self.batch_size], labels[i : i + self.batch_size])
+            yield xy_rows(ids[i : i + self.batch_size], labels[i : i + self.batch_size])
 
     def bits_per_byte(self, loss_nats_per_token: float) -> float:
         """Validation loss per byte of the assistant text (nan without a validation split)."""
@@ -182,12 +179,12 @@ class PreferenceData:
         idx = [self._order(k) for k in range(start, start + self.batch_size)]
         ids = np.concatenate([self.chosen_ids[idx], self.rejected_ids[idx]])
         labels = np.concatenate([self.chosen_labels[idx], self.rejected_labels[idx]])
-        return _xy(ids, labels)
+        return xy_rows(ids, labels)
 
     def val_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ids, labels = self._val if self.val_pairs else (self.chosen_ids, self.chosen_labels)
         for i in range(0, len(ids), self.batch_size):
-            yield _xy(ids[i : i + self.batch_size], labels[i : i + self.batch_size])
+            yield xy_rows(ids[i : i + self.batch_size], labels[i : i + self.batch_size])
 
     def bits_per_byte(self, loss_nats_per_token: float) -> float:
         pairs = self.val_pairs
