@@ -40,7 +40,9 @@ from dsk.errors import DskError
 from dsk.models.model import MLP, Experts, MoE
 
 TARGETS = ("attn", "mlp", "experts")
-PROJECTIONS = ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3")  # attn, then mlp
+ATTN_PROJECTIONS = ("wq", "wq_a", "wq_b", "wk", "wv", "wkv_a", "wkv_b", "wo")  # MLA and MHA
+MLP_PROJECTIONS = ("w1", "w2", "w3")
+PROJECTIONS = ATTN_PROJECTIONS + MLP_PROJECTIONS
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -195,7 +197,7 @@ class LoraRowsLinear(nn.Linear):
 
 
 def _attn_names(attn: nn.Module) -> list[str]:
-    return [n for n in PROJECTIONS[:8] if hasattr(attn, n)]
+    return [n for n in ATTN_PROJECTIONS if hasattr(attn, n)]
 
 
 def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
@@ -244,7 +246,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
             mlps.append((block.ffn.shared_experts, f"layers.{i}.ffn.shared_experts"))
         if "mlp" in cfg.targets:
             for mlp, prefix in mlps:
-                for n in ("w1", "w2", "w3"):
+                for n in MLP_PROJECTIONS:
                     wrap_linear(mlp, n, f"{prefix}.{n}")
         if "experts" in cfg.targets and isinstance(block.ffn, MoE):
             ex: Experts = block.ffn.experts
