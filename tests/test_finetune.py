@@ -198,6 +198,7 @@ def test_bad_lora_shape_options_are_one_line_errors(cli, workspace, base, tmp_pa
     for args, expected in [(["--lora-projections", "wx"], "LoRA projection 'wx' is not one of"),
                            (["--lora-projections", "wq,wv"], "LoRA projection 'wv' is not in this model's attn"),
                            (["--lora-dora", "--lora-dropout", "0.1"], "DoRA adapters take no dropout"),
+                           (["--lora-targets", "attn,experts", "--lora-projections", "wo"], "w1, w2 and w3 together"),
                            (["--lora-plus-ratio", "0.5"], "lora_plus_ratio")]:
         code, _, err = cli("finetune", "--data", str(data), *args, *TINY)
         assert code == 2 and expected in err, err
