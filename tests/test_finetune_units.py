@@ -238,8 +238,10 @@ def test_lora_plus_gives_the_b_matrices_their_own_learning_rate():
     tok = char_tokenizer()
     model = tiny_model(tok, preset="tiny-dense")
     add_lora(model, LoraConfig(rank=4, alpha=8, targets=("attn",), token_ids=[tok.end_id]))
-    cfg = train_config(Params(data="x.jsonl", lora_plus_ratio=16, lr=1e-3), lora=True)
-    assert train_config(Params(data="x.jsonl", lr=1e-3), lora=True).lr_mults == {}
+    cfg = train_config(Params(data="x.jsonl", lora_plus_ratio=16, lr=1e-3))
+    assert train_config(Params(data="x.jsonl", lr=1e-3)).lr_mults == {}
+    assert train_config(Params(data="x.jsonl", method="full", lora_plus_ratio=16)).lr_mults == {}  # no adapters
+    assert train_config(Params(data="x.jsonl", method="dpo", lora_plus_ratio=16)).lr_mults == {"lora_B": 16}
     opt = make_optimizer(model, name="adamw", lr=cfg.lr, weight_decay=0.0, betas=(0.9, 0.95), device="cpu",
                          lr_mults=cfg.lr_mults)
     names = {id(p): n for n, p in model.named_parameters()}

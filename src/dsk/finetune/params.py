@@ -99,5 +99,10 @@ class Params(StageParams):
             data["lr"] = DEFAULT_LR["lora"]
         return data
 
+    @property
+    def uses_lora(self) -> bool:
+        """Adapters on a frozen base: --method lora, or dpo with --dpo-train lora."""
+        return self.method == "lora" or (self.method == "dpo" and self.dpo_train == "lora")
+
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]

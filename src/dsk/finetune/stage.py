@@ -96,11 +96,11 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
                      force=force, store=store, kind="model", stage_version=STAGE_VERSION)
 
 
-def train_config(params: Params, *, lora: bool = False):
+def train_config(params: Params):
     from dsk.train import TrainConfig
 
     return TrainConfig(
-        lr_mults={"lora_B": params.lora_plus_ratio} if lora and params.lora_plus_ratio != 1 else {},
+        lr_mults={"lora_B": params.lora_plus_ratio} if params.uses_lora and params.lora_plus_ratio != 1 else {},
         max_steps=params.max_steps, batch_size=params.batch_size, grad_accum=params.grad_accum, lr=params.peak_lr(),
         min_lr_ratio=params.min_lr_ratio, warmup_steps=params.warmup_steps, weight_decay=params.weight_decay,
         grad_clip=params.grad_clip, optimizer=params.optimizer, precision=params.precision, device=params.device,
@@ -174,7 +174,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
 
     # ---- 3. what trains: adapters on a frozen base, or everything; dpo's frozen reference
     torch.manual_seed(ctx.seed)
-    use_lora = params.method == "lora" or (dpo and params.dpo_train == "lora")
+    use_lora = params.uses_lora
     reference = copy.deepcopy(model).eval() if dpo else None
     pref_before = preference_accuracy(model, val_pairs, pad_id=pad_id) if dpo and val_pairs else None
     lora_cfg = None
@@ -213,7 +213,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
         loss_fn = fdata.PackedLoss(tok.bos_id)
     try:
         result = train(
-            model, data, train_config(params, lora=use_lora), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,
+            model, data, train_config(params), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,
             run_fingerprint={"base": base.id, "data": hash_raw_input(data_path).sha256, "seed": ctx.seed,
                              "params": params.model_dump(mode="json")},
         )
