@@ -195,6 +195,8 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
                  f"{trainable:,} of {total:,} parameters trainable ({100 * trainable / total:.2f}%)"
                  + (f", LoRA r={params.lora_rank} alpha={params.lora_alpha:g} on {', '.join(params.lora_targets)}"
                     + (f" ({', '.join(params.lora_projections)})" if params.lora_projections else "")
+                    + (", DoRA" if params.lora_dora else "")
+                    + (f", LoRA+ B lr x{params.lora_plus_ratio:g}" if params.lora_plus_ratio != 1 else "")
                     if use_lora else ""))
 
     run_dir = run_dir_for(ctx.store, ctx.artifact_id)
