@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import importlib
 import json
 import logging
@@ -50,8 +51,8 @@ from dsk.serving.sampling import SamplingParams
 
 log = logging.getLogger("dsk.serving")
 
-_PARAM_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "max_tokens", "stop", "ignore_eos")
+# every field of SamplingParams crosses (derived, so a new field cannot be silently dropped)
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 # the counters a step message carries, in order
 _STATS = ("steps", "prompt_tokens_total", "generated_tokens_total", "busy_seconds", "forward_seconds",
           "admitted_total", "queue_wait_seconds")
@@ -59,6 +60,19 @@ _STATS = ("steps", "prompt_tokens_total", "generated_tokens_total", "busy_second
 
 def _dumps(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def params_to_json(params: SamplingParams) -> dict[str, Any]:
+    """A request's sampling settings as a JSON object (what :func:`params_from_json` reads back)."""
+    out = {name: getattr(params, name) for name in _PARAM_FIELDS}
+    out["stop"] = list(params.stop)
+    return out
+
+
+def params_from_json(raw: dict[str, Any]) -> SamplingParams:
+    fields = {name: raw[name] for name in _PARAM_FIELDS if name in raw}
+    fields["stop"] = tuple(str(s) for s in fields.get("stop", ()))
+    return SamplingParams(**fields)
 
 
 def engine_from_artifact(artifact_dir: str, *, blocklist_lines: list[str] | None = None, **kwargs: Any) -> Any:
@@ -254,11 +268,9 @@ class EngineProcess:
             req = _RemoteRequest(self._next_id, n, on_event, self)
             self._requests[req.id] = req
             self._waiting += 1
-        p = {name: getattr(params, name) for name in _PARAM_FIELDS}
-        p["stop"] = list(params.stop)
         try:
-            self._send({"op": "submit", "id": req.id, "prompt": [int(i) for i in prompt_ids], "params": p,
-                        "n": n, "timeout_s": timeout_s, "created": req.created})
+            self._send({"op": "submit", "id": req.id, "prompt": [int(i) for i in prompt_ids],
+                        "params": params_to_json(params), "n": n, "timeout_s": timeout_s, "created": req.created})
         except EngineUnavailable:
             self._retire(req)
             raise
@@ -439,10 +451,7 @@ class EngineCore:
     def submit(self, msg: dict[str, Any]) -> None:
         rid = int(msg["id"])
         try:
-            raw = msg["params"]
-            fields = {name: raw[name] for name in _PARAM_FIELDS if name in raw}
-            fields["stop"] = tuple(str(s) for s in fields.get("stop", ()))
-            params = SamplingParams(**fields)
+            params = params_from_json(msg["params"])
             req = self.engine.submit([int(i) for i in msg["prompt"]], params, _Emit(self, rid),
                                      n=int(msg.get("n", 1)), timeout_s=msg.get("timeout_s"),
                                      created=_float_or_none(msg.get("created")))
