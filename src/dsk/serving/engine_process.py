@@ -218,14 +218,21 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             log.error("the engine process did not stop within 30s; killing it")
             self._kill()
+        atexit.unregister(self._kill)  # (the registry would keep this object alive)
         if not self._started:
-            self._conn.close()
+            self._close()
         elif self._loop is not None and threading.get_ident() == self._loop_thread and not self._closed.is_set():
             # called on the loop itself, which cannot read the child's last messages meanwhile
             self._loop.remove_reader(self._conn.fileno())
             self._gone()
         else:
             self._closed.wait(timeout=10)
+
+    def _close(self) -> None:
+        # not while another thread is inside send_bytes: it would write to a None handle, or to
+        # whatever file reuses the closed descriptor's number meanwhile
+        with self._send_lock:
+            self._conn.close()
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
@@ -334,7 +341,7 @@ class EngineProcess:
         else:
             self.failure = f"the engine process exited unexpectedly (exit code {code}); restart the server"
             log.error(self.failure)
-        self._conn.close()
+        self._close()
         with self._lock:
             left = list(self._requests.values())
         for req in left:
