@@ -538,6 +538,13 @@ def test_engine_process_start_up_error_is_one_line(tmp_path):
         EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(tmp_path)})
 
 
+def test_engine_process_dying_at_start_up_is_one_line_and_leaves_no_socket():
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DskError, match=r"exited during start-up \(exit code 3\)"):
+        EngineProcess("os:_exit", {"status": 3})  # the "engine factory" ends the child at once
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 # --------------------------------------------------------------------------- sampling in one batch
 
 

@@ -159,28 +159,39 @@ class EngineProcess:
         self._cuda: list[int] | None = None
         self.process_rss_bytes: int | None = None  # the engine process's resident memory, last report
         atexit.register(self._kill)
-        self._send({"op": "start", "factory": factory, "kwargs": kwargs, "sys_path": list(sys_path),
-                    "threads": threads})
-        deadline = time.monotonic() + start_timeout_s
-        while not self._conn.poll(0.2):
-            if self._proc.poll() is not None:
-                raise DskError(f"the engine process exited during start-up (exit code {self._proc.returncode})")
-            if time.monotonic() > deadline:
-                self._kill()
-                raise DskError(f"the engine process did not start within {start_timeout_s:g}s")
         try:
-            msg = json.loads(self._conn.recv_bytes())
-        except (EOFError, OSError):
-            self._conn.close()
-            raise DskError(f"the engine process exited during start-up (exit code {self._proc.wait(timeout=30)})") from None
-        if msg["op"] == "failed":
-            self._proc.wait(timeout=30)
-            self._conn.close()
-            raise DskError(msg["message"])
+            msg = self._handshake({"op": "start", "factory": factory, "kwargs": kwargs, "sys_path": list(sys_path),
+                                   "threads": threads}, start_timeout_s)
+        except BaseException:  # a start-up error (or Ctrl-C during it) leaves no process and no socket behind
+            self._kill()
+            self._close()
+            atexit.unregister(self._kill)
+            raise
         self.max_len = int(msg["max_len"])
         self.vocab_size = int(msg["vocab_size"])
         self.max_batch_size = int(msg["max_batch_size"])
         self.device = str(msg["device"])  # a name: torch.cuda must not start in the API process
+
+    def _handshake(self, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send the child its engine's spec; its "ready" message, or DskError with why not."""
+        try:
+            self._send(spec)
+        except EngineUnavailable:
+            pass  # the child is gone already: below says how it exited
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.2):
+            if self._proc.poll() is not None:
+                raise DskError(f"the engine process exited during start-up (exit code {self._proc.returncode})")
+            if time.monotonic() > deadline:
+                raise DskError(f"the engine process did not start within {timeout_s:g}s")
+        try:
+            msg = json.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            raise DskError(f"the engine process exited during start-up (exit code {self._proc.wait(timeout=30)})") from None
+        if msg["op"] == "failed":
+            self._proc.wait(timeout=30)
+            raise DskError(msg["message"])
+        return msg
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "EngineProcess":
