@@ -45,7 +45,8 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from dsk.errors import DskError
-from dsk.serving.engine import (Event, EngineUnavailable, QueueFull, check_request, check_vocab)
+from dsk.serving.engine import (Event, EngineUnavailable, QueueFull, check_request, check_vocab, queue_full,
+                                retry_after_s)
 from dsk.serving.filter import ContentFilter
 from dsk.serving.sampling import SamplingParams
 
@@ -260,8 +261,7 @@ class EngineProcess:
         return self._running
 
     def retry_after(self) -> int:
-        batches = (self._waiting + self._running) / self.max_batch_size
-        return max(1, min(60, round(batches * self._latency_ema)))
+        return retry_after_s(self._waiting, self._running, self.max_batch_size, self._latency_ema)
 
     def cuda_memory(self) -> tuple[int, int] | None:
         """(allocated, peak allocated) bytes in the engine process, when it runs on CUDA."""
@@ -280,7 +280,7 @@ class EngineProcess:
             raise EngineUnavailable(self.failure or "the engine is not running")
         with self._lock:
             # the engine's own rule, on the counters its step messages keep current
-            if self._waiting >= self.max_queue + max(self.max_batch_size - self._running, 0):
+            if queue_full(self._waiting, self._running, max_queue=self.max_queue, max_batch_size=self.max_batch_size):
                 raise QueueFull(self.retry_after())
             self._next_id += 1
             req = _RemoteRequest(self._next_id, n, on_event, self)
