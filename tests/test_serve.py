@@ -494,11 +494,55 @@ def test_engine_process_stopped_on_its_event_loop_ends_open_requests(model_dir):
     assert engine._proc.poll() is not None and engine.failure == "the server is shutting down"
 
 
+def test_engine_process_send_racing_its_death_is_503_not_a_crash(model_dir):
+    """A submit whose send is under way when the engine process dies (and the reader closes the
+    socket) ends as 503 (EngineUnavailable, or an error event), never another exception."""
+    from dsk.serving.engine import EngineUnavailable
+    from dsk.serving.text import TextCodec
+
+    codec = TextCodec.from_artifact(model_dir)
+    engine = EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(model_dir)},
+                           threads=1, reader="thread").start()
+    conn, entered = engine._conn, threading.Event()
+    write = conn._send  # inside send_bytes, past its closed check
+
+    def slow_write(buf, *args):
+        entered.set()
+        time.sleep(0.5)  # the child dies and the reader sees EOF meanwhile
+        return write(buf, *args)
+
+    conn._send = slow_write
+    events, outcome = [], []
+
+    def submit():
+        try:
+            outcome.append(engine.submit(codec.encode("a"), SamplingParams(max_tokens=2), events.append))
+        except Exception as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=submit)
+    t.start()
+    assert entered.wait(30)
+    os.kill(engine.pid, signal.SIGKILL)
+    t.join(30)
+    engine.stop()
+    assert isinstance(outcome[0], EngineUnavailable) or not isinstance(outcome[0], Exception), outcome
+    if not isinstance(outcome[0], EngineUnavailable):  # sent in time: failed by the reader instead
+        assert [(e.kind, e.code) for e in events] == [("error", 503)]
+
+
 def test_engine_process_start_up_error_is_one_line(tmp_path):
     from dsk.serving.engine_process import EngineProcess
 
     with pytest.raises(DskError, match="holds no tokenizer.json"):
         EngineProcess("dsk.serving.engine_process:engine_from_artifact", {"artifact_dir": str(tmp_path)})
+
+
+def test_engine_process_dying_at_start_up_is_one_line_and_leaves_no_socket():
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(DskError, match=r"exited during start-up \(exit code 3\)"):
+        EngineProcess("os:_exit", {"status": 3})  # the "engine factory" ends the child at once
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 # --------------------------------------------------------------------------- sampling in one batch

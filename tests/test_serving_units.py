@@ -453,3 +453,17 @@ def test_sse_json_has_no_line_breaks_any_client_could_split_on():
     assert len(f"data: {line}".splitlines()) == 1
     assert json.loads(line) == {"content": text}
     assert "é 日本" in line  # other text stays raw UTF-8
+
+
+def test_sampling_params_cross_to_an_engine_process_whole():
+    """Every SamplingParams field, set off its default, survives the JSON hop to an engine process."""
+    import dataclasses
+    import json
+
+    from dsk.serving.engine_process import params_from_json, params_to_json
+
+    params = SamplingParams(temperature=0.7, top_p=0.8, top_k=5, repetition_penalty=1.2, presence_penalty=0.3,
+                            frequency_penalty=0.4, seed=2**62 + 1, max_tokens=33, stop=("a", "\n\n"), ignore_eos=True)
+    defaults = SamplingParams()
+    assert all(getattr(params, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(SamplingParams))
+    assert params_from_json(json.loads(json.dumps(params_to_json(params)))) == params

@@ -33,16 +33,13 @@ def build_app(art: Artifact, params: Params, *, api_keys: list[str]):
     from dsk.serving.app import ServerConfig, create_app
     from dsk.serving.audit import AuditLog
     from dsk.serving.filter import ContentFilter
-    from dsk.serving.loader import load_engine
+    from dsk.serving.loader import load_codec, load_engine
 
     content_filter = ContentFilter.load(params.blocklist) if params.blocklist else None
     if params.engine_process:
         from dsk.serving.engine_process import EngineProcess
-        from dsk.serving.text import TextCodec
 
-        if not (Path(art.path) / "tokenizer.json").is_file():
-            raise DskError(f"{str(art.path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
-        codec = TextCodec.from_artifact(art.path)
+        codec = load_codec(art.path)
         engine = EngineProcess(
             "dsk.serving.engine_process:engine_from_artifact",
             {"artifact_dir": str(art.path), "backend": params.backend, "device": params.device,

@@ -86,6 +86,17 @@ def check_request(n_prompt: int, max_tokens: int, n: int, *, max_len: int, max_b
         raise ValueError(f"n={n} must be between 1 and the server's max batch size {max_batch_size}")
 
 
+def queue_full(waiting: int, running: int, *, max_queue: int, max_batch_size: int) -> bool:
+    """Whether a new request is refused (429): requests that free rows will take at the next
+    step are not "queued"."""
+    return waiting >= max_queue + max(max_batch_size - running, 0)
+
+
+def retry_after_s(waiting: int, running: int, max_batch_size: int, latency_s: float) -> int:
+    """Seconds a refused client should wait: the queue drained at the recent request rate."""
+    return max(1, min(60, round((waiting + running) / max_batch_size * latency_s)))
+
+
 def check_vocab(prompt_ids: list[int], vocab_size: int) -> None:
     for i in prompt_ids:
         if not 0 <= i < vocab_size:
@@ -277,8 +288,7 @@ class Engine:
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: the queue drained at the recent request rate."""
-        batches = (len(self._waiting) + len(self._running)) / self.max_batch_size
-        return max(1, min(60, round(batches * self._latency_ema)))
+        return retry_after_s(len(self._waiting), len(self._running), self.max_batch_size, self._latency_ema)
 
     # ------------------------------------------------------------------ requests
     def check_lengths(self, n_prompt: int, max_tokens: int) -> None:
@@ -308,9 +318,8 @@ class Engine:
         with self._cv:
             if self._stop or self._thread is None:
                 raise EngineUnavailable("the engine is not running")
-            # requests that free rows will take at the next step are not "queued"
-            free_rows = max(self.max_batch_size - len(self._running), 0)
-            if len(self._waiting) >= self.max_queue + free_rows:
+            if queue_full(len(self._waiting), len(self._running), max_queue=self.max_queue,
+                          max_batch_size=self.max_batch_size):
                 raise QueueFull(self.retry_after())
             self._waiting.append(req)
             self._cv.notify()

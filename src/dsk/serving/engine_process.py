@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import dataclasses
 import importlib
 import json
 import logging
@@ -44,14 +45,15 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from dsk.errors import DskError
-from dsk.serving.engine import (Event, EngineUnavailable, QueueFull, check_request, check_vocab)
+from dsk.serving.engine import (Event, EngineUnavailable, QueueFull, check_request, check_vocab, queue_full,
+                                retry_after_s)
 from dsk.serving.filter import ContentFilter
 from dsk.serving.sampling import SamplingParams
 
 log = logging.getLogger("dsk.serving")
 
-_PARAM_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "seed", "max_tokens", "stop", "ignore_eos")
+# every field of SamplingParams crosses (derived, so a new field cannot be silently dropped)
+_PARAM_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 # the counters a step message carries, in order
 _STATS = ("steps", "prompt_tokens_total", "generated_tokens_total", "busy_seconds", "forward_seconds",
           "admitted_total", "queue_wait_seconds")
@@ -59,6 +61,19 @@ _STATS = ("steps", "prompt_tokens_total", "generated_tokens_total", "busy_second
 
 def _dumps(msg: dict[str, Any]) -> bytes:
     return json.dumps(msg, separators=(",", ":")).encode()
+
+
+def params_to_json(params: SamplingParams) -> dict[str, Any]:
+    """A request's sampling settings as a JSON object (what :func:`params_from_json` reads back)."""
+    out = {name: getattr(params, name) for name in _PARAM_FIELDS}
+    out["stop"] = list(params.stop)
+    return out
+
+
+def params_from_json(raw: dict[str, Any]) -> SamplingParams:
+    fields = {name: raw[name] for name in _PARAM_FIELDS if name in raw}
+    fields["stop"] = tuple(str(s) for s in fields.get("stop", ()))
+    return SamplingParams(**fields)
 
 
 def engine_from_artifact(artifact_dir: str, *, blocklist_lines: list[str] | None = None, **kwargs: Any) -> Any:
@@ -145,28 +160,39 @@ class EngineProcess:
         self._cuda: list[int] | None = None
         self.process_rss_bytes: int | None = None  # the engine process's resident memory, last report
         atexit.register(self._kill)
-        self._send({"op": "start", "factory": factory, "kwargs": kwargs, "sys_path": list(sys_path),
-                    "threads": threads})
-        deadline = time.monotonic() + start_timeout_s
-        while not self._conn.poll(0.2):
-            if self._proc.poll() is not None:
-                raise DskError(f"the engine process exited during start-up (exit code {self._proc.returncode})")
-            if time.monotonic() > deadline:
-                self._kill()
-                raise DskError(f"the engine process did not start within {start_timeout_s:g}s")
         try:
-            msg = json.loads(self._conn.recv_bytes())
-        except (EOFError, OSError):
-            self._conn.close()
-            raise DskError(f"the engine process exited during start-up (exit code {self._proc.wait(timeout=30)})") from None
-        if msg["op"] == "failed":
-            self._proc.wait(timeout=30)
-            self._conn.close()
-            raise DskError(msg["message"])
+            msg = self._handshake({"op": "start", "factory": factory, "kwargs": kwargs, "sys_path": list(sys_path),
+                                   "threads": threads}, start_timeout_s)
+        except BaseException:  # a start-up error (or Ctrl-C during it) leaves no process and no socket behind
+            self._kill()
+            self._close()
+            atexit.unregister(self._kill)
+            raise
         self.max_len = int(msg["max_len"])
         self.vocab_size = int(msg["vocab_size"])
         self.max_batch_size = int(msg["max_batch_size"])
         self.device = str(msg["device"])  # a name: torch.cuda must not start in the API process
+
+    def _handshake(self, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Send the child its engine's spec; its "ready" message, or DskError with why not."""
+        try:
+            self._send(spec)
+        except EngineUnavailable:
+            pass  # the child is gone already: below says how it exited
+        deadline = time.monotonic() + timeout_s
+        while not self._conn.poll(0.2):
+            if self._proc.poll() is not None:
+                raise DskError(f"the engine process exited during start-up (exit code {self._proc.returncode})")
+            if time.monotonic() > deadline:
+                raise DskError(f"the engine process did not start within {timeout_s:g}s")
+        try:
+            msg = json.loads(self._conn.recv_bytes())
+        except (EOFError, OSError):
+            raise DskError(f"the engine process exited during start-up (exit code {self._proc.wait(timeout=30)})") from None
+        if msg["op"] == "failed":
+            self._proc.wait(timeout=30)
+            raise DskError(msg["message"])
+        return msg
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "EngineProcess":
@@ -204,14 +230,21 @@ class EngineProcess:
         except subprocess.TimeoutExpired:
             log.error("the engine process did not stop within 30s; killing it")
             self._kill()
+        atexit.unregister(self._kill)  # (the registry would keep this object alive)
         if not self._started:
-            self._conn.close()
+            self._close()
         elif self._loop is not None and threading.get_ident() == self._loop_thread and not self._closed.is_set():
             # called on the loop itself, which cannot read the child's last messages meanwhile
             self._loop.remove_reader(self._conn.fileno())
             self._gone()
         else:
             self._closed.wait(timeout=10)
+
+    def _close(self) -> None:
+        # not while another thread is inside send_bytes: it would write to a None handle, or to
+        # whatever file reuses the closed descriptor's number meanwhile
+        with self._send_lock:
+            self._conn.close()
 
     def _kill(self) -> None:
         if self._proc.poll() is None:
@@ -228,8 +261,7 @@ class EngineProcess:
         return self._running
 
     def retry_after(self) -> int:
-        batches = (self._waiting + self._running) / self.max_batch_size
-        return max(1, min(60, round(batches * self._latency_ema)))
+        return retry_after_s(self._waiting, self._running, self.max_batch_size, self._latency_ema)
 
     def cuda_memory(self) -> tuple[int, int] | None:
         """(allocated, peak allocated) bytes in the engine process, when it runs on CUDA."""
@@ -248,17 +280,15 @@ class EngineProcess:
             raise EngineUnavailable(self.failure or "the engine is not running")
         with self._lock:
             # the engine's own rule, on the counters its step messages keep current
-            if self._waiting >= self.max_queue + max(self.max_batch_size - self._running, 0):
+            if queue_full(self._waiting, self._running, max_queue=self.max_queue, max_batch_size=self.max_batch_size):
                 raise QueueFull(self.retry_after())
             self._next_id += 1
             req = _RemoteRequest(self._next_id, n, on_event, self)
             self._requests[req.id] = req
             self._waiting += 1
-        p = {name: getattr(params, name) for name in _PARAM_FIELDS}
-        p["stop"] = list(params.stop)
         try:
-            self._send({"op": "submit", "id": req.id, "prompt": [int(i) for i in prompt_ids], "params": p,
-                        "n": n, "timeout_s": timeout_s, "created": req.created})
+            self._send({"op": "submit", "id": req.id, "prompt": [int(i) for i in prompt_ids],
+                        "params": params_to_json(params), "n": n, "timeout_s": timeout_s, "created": req.created})
         except EngineUnavailable:
             self._retire(req)
             raise
@@ -322,7 +352,7 @@ class EngineProcess:
         else:
             self.failure = f"the engine process exited unexpectedly (exit code {code}); restart the server"
             log.error(self.failure)
-        self._conn.close()
+        self._close()
         with self._lock:
             left = list(self._requests.values())
         for req in left:
@@ -439,10 +469,7 @@ class EngineCore:
     def submit(self, msg: dict[str, Any]) -> None:
         rid = int(msg["id"])
         try:
-            raw = msg["params"]
-            fields = {name: raw[name] for name in _PARAM_FIELDS if name in raw}
-            fields["stop"] = tuple(str(s) for s in fields.get("stop", ()))
-            params = SamplingParams(**fields)
+            params = params_from_json(msg["params"])
             req = self.engine.submit([int(i) for i in msg["prompt"]], params, _Emit(self, rid),
                                      n=int(msg.get("n", 1)), timeout_s=msg.get("timeout_s"),
                                      created=_float_or_none(msg.get("created")))

@@ -24,6 +24,16 @@ def pick_device(device: str) -> str:
     return device
 
 
+def load_codec(artifact_dir: str | Path) -> Any:
+    """The artifact's tokenizer as a TextCodec; a one-line error when it has none."""
+    from dsk.serving.text import TextCodec
+
+    path = Path(artifact_dir)
+    if not (path / "tokenizer.json").is_file():
+        raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+    return TextCodec.from_artifact(path)
+
+
 def load_engine(
     artifact_dir: str | Path,
     *,
@@ -44,12 +54,10 @@ def load_engine(
     (fixed-shape steps); None or True: wherever it can, False: never.
     """
     from dsk.serving.engine import Engine, OnnxBackend
-    from dsk.serving.text import TextCodec
 
     path = Path(artifact_dir)
     is_onnx = (path / "model.onnx").is_file() and (path / "onnx.json").is_file()
-    if not (path / "tokenizer.json").is_file():
-        raise DskError(f"{str(path)!r} holds no tokenizer.json; a model artifact needs one to serve text")
+    codec = load_codec(path)
     if backend == "onnx" or (is_onnx and not (path / "model.safetensors").is_file()):
         if not is_onnx:
             raise DskError(f"{str(path)!r} holds no ONNX export (model.onnx + onnx.json); run "
@@ -61,7 +69,6 @@ def load_engine(
         import torch
 
         lm = OnnxLM(path, threads=torch.get_num_threads())
-        codec = TextCodec.from_artifact(path)
         engine = Engine(OnnxBackend(lm, max_batch_size), codec, max_batch_size=max_batch_size,
                         max_queue=max_queue, content_filter=content_filter)
         return engine, codec
@@ -79,7 +86,6 @@ def load_engine(
         # tables, which training (bf16 autocast) kept in fp32
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    codec = TextCodec.from_artifact(path)
     engine = Engine(model, codec, max_batch_size=max_batch_size, max_queue=max_queue,
                     content_filter=content_filter, device=device, static=static, overlap=overlap)
     return engine, codec
