@@ -467,3 +467,25 @@ def test_sampling_params_cross_to_an_engine_process_whole():
     defaults = SamplingParams()
     assert all(getattr(params, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(SamplingParams))
     assert params_from_json(json.loads(json.dumps(params_to_json(params)))) == params
+
+
+def test_engine_process_exits_when_a_step_message_cannot_be_built():
+    # a step hook that raises would leave every request waiting forever: the process exits
+    # instead, which the API process turns into 503s (tests/test_serve.py covers that path)
+    import socket
+    from multiprocessing.connection import Connection
+    from types import SimpleNamespace
+
+    from dsk.serving.engine_process import _STATS, EngineCore
+
+    ours, theirs = socket.socketpair()
+    engine = SimpleNamespace(max_queue=0, on_admit=None, after_step=None, device=None, **{name: 0 for name in _STATS})
+    core = EngineCore(engine, Connection(theirs.detach()))
+    died = []
+    core.die = lambda: died.append(True)
+    core.events.append([1, "delta", 0, object(), None, None, None])  # not JSON
+    core.flush()
+    assert died == [True]
+    core.events.clear()
+    core.flush()  # a good message goes out
+    assert Connection(ours.detach()).poll(1)

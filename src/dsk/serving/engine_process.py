@@ -449,7 +449,21 @@ class EngineCore:
             self._gone = True  # the API process is gone; the reader sees EOF and stops the engine
 
     def flush(self) -> None:
-        """One message per step: every row's new events, the admitted requests, the counters."""
+        """One message per step: every row's new events, the admitted requests, the counters.
+
+        Runs as the engine's step hook. If it ever fails (a bug: an event that is not JSON), no
+        request would hear of its end again, so the process exits instead: the API process sees
+        the end of the socket and answers 503 to every open request, as after a crash."""
+        try:
+            self._flush()
+        except Exception:
+            log.exception("could not send a step message; the engine process exits")
+            self.die()
+
+    def die(self) -> None:
+        os._exit(70)
+
+    def _flush(self) -> None:
         with self.lock:
             events, self.events = self.events, []
             admitted, self.admitted = self.admitted, []
