@@ -936,6 +936,12 @@ def run_variant_subprocess(name: str, args, out_dir: Path, timeout: float) -> di
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def md_table(title: str, header: list[str], rows: list[list]) -> list[str]:
+    """Markdown lines of a titled table (a blank line before and after the title)."""
+    return (["", title, "", "| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+            + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows])
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"GPU training speed — {meta['gpu']}, torch {meta['torch']}, {meta['date']}; "
              f"bf16 matrix rate {meta['matmul_tflops']:.0f} TFLOP/s (8192^3, random data, same call)", "",
@@ -971,24 +977,25 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                          f"{b['expert_load_max_over_mean']} | {b['expert_load_max_over_mean_stepwise']} | {b['loss_end']} |")
     for r in rows:
         if r.get("ce"):
-            lines += ["", f"Cross-entropy rows alone, bf16 logits {r['ce_shape']} (loss + gradient; floor = a copy of the "
-                      f"same bytes: {r['copy_ms']} ms, {r['copy_tb_s']} TB/s):", "",
-                      "| kernel | ms | loss rel err | grad rel err (vs the compiled expression) |", "| --- | --- | --- | --- |"]
-            for c in r["ce"]:
-                lines.append(f"| {c['kernel']} | {c.get('ms', c.get('error', ''))} | {c.get('loss_rel_err', '')} | "
-                             f"{c.get('grad_rel_err', '')} |")
+            lines += md_table(
+                f"Cross-entropy rows alone, bf16 logits {r['ce_shape']} (loss + gradient; floor = a copy of the "
+                f"same bytes: {r['copy_ms']} ms, {r['copy_tb_s']} TB/s):",
+                ["kernel", "ms", "loss rel err", "grad rel err (vs the compiled expression)"],
+                [[c["kernel"], c.get("ms", c.get("error", "")), c.get("loss_rel_err", ""), c.get("grad_rel_err", "")]
+                 for c in r["ce"]])
         if r.get("head"):
-            lines += ["", "The fused head alone (compiled; GEMM + loss kernel + gradient GEMMs, forward + backward):", "",
-                      "| head | fwd+bwd ms | loss / grad h / grad w rel err vs two sweeps |", "| --- | --- | --- |"]
-            for hd in r["head"]:
-                lines.append(f"| {hd['head']} | {hd.get('fwd_bwd_ms', hd.get('error', ''))} | {hd.get('loss_rel_err', '')} / "
-                             f"{hd.get('grad_h_rel_err', '')} / {hd.get('grad_w_rel_err', '')} |")
+            lines += md_table(
+                "The fused head alone (compiled; GEMM + loss kernel + gradient GEMMs, forward + backward):",
+                ["head", "fwd+bwd ms", "loss / grad h / grad w rel err vs two sweeps"],
+                [[hd["head"], hd.get("fwd_bwd_ms", hd.get("error", "")),
+                  f"{hd.get('loss_rel_err', '')} / {hd.get('grad_h_rel_err', '')} / {hd.get('grad_w_rel_err', '')}"]
+                 for hd in r["head"]])
         if r.get("attention"):
-            lines += ["", "SDPA backends, [32, 12, 1024, 64] bf16 causal, forward + backward:", "",
-                      "| backend | fwd+bwd ms | fwd ms | TFLOP/s | rel err vs the first |", "| --- | --- | --- | --- | --- |"]
-            for a in r["attention"]:
-                lines.append(f"| {a['backend']} | {a.get('fwd_bwd_ms', a.get('error', ''))} | {a.get('fwd_ms', '')} | "
-                             f"{a.get('tflops', '')} | {a.get('rel_err_vs_cudnn', '')} |")
+            lines += md_table(
+                "SDPA backends, [32, 12, 1024, 64] bf16 causal, forward + backward:",
+                ["backend", "fwd+bwd ms", "fwd ms", "TFLOP/s", "rel err vs the first"],
+                [[a["backend"], a.get("fwd_bwd_ms", a.get("error", "")), a.get("fwd_ms", ""), a.get("tflops", ""),
+                  a.get("rel_err_vs_cudnn", "")] for a in r["attention"]])
         if r.get("model") == "balance" and r.get("runs"):
             lines += ["", f"Router balance on tinyshakespeare BPE tokens ({r['variant']}, batch {r['batch']}, "
                       f"{r['steps']} steps; load max/mean over the last half: of the summed loads / each step's, "
