@@ -255,6 +255,7 @@ class Engine:
         self.busy_seconds = 0.0  # inside scheduler steps
         self.forward_seconds = 0.0  # inside the model's forward passes (prefill + decode)
         self.admitted_total = 0  # requests admitted into the running batch
+        self.process_rss_bytes: int | None = None  # in this process: the process's own RSS metric covers it
         self.queue_wait_seconds = 0.0  # their summed time from submit to admission
         # hooks for an engine in its own process (dsk.serving.engine_process): called on the
         # engine thread for each admitted request, and after every step (to ship its events)
@@ -289,6 +290,12 @@ class Engine:
     def retry_after(self) -> int:
         """Seconds a refused client should wait: the queue drained at the recent request rate."""
         return retry_after_s(len(self._waiting), len(self._running), self.max_batch_size, self._latency_ema)
+
+    def cuda_memory(self) -> tuple[int, int] | None:
+        """(allocated, peak allocated) bytes of torch's CUDA memory, when the engine runs on CUDA."""
+        if getattr(self.device, "type", "cpu") != "cuda":
+            return None
+        return torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
 
     # ------------------------------------------------------------------ requests
     def check_lengths(self, n_prompt: int, max_tokens: int) -> None:

@@ -33,24 +33,16 @@ class _EngineCollector:
         yield CounterMetricFamily("dsk_engine_forward_seconds", "Time spent in model forward passes.",
                                   value=e.forward_seconds)
         yield CounterMetricFamily("dsk_admitted_requests", "Requests admitted into the running batch.",
-                                  value=getattr(e, "admitted_total", 0))
+                                  value=e.admitted_total)
         yield CounterMetricFamily("dsk_queue_wait_seconds", "Summed time admitted requests waited from arrival "
-                                  "to their batch row.", value=getattr(e, "queue_wait_seconds", 0.0))
+                                  "to their batch row.", value=e.queue_wait_seconds)
         yield GaugeMetricFamily("dsk_queue_depth", "Requests waiting for a batch slot.", value=e.queue_depth)
         yield GaugeMetricFamily("dsk_running_batch_size", "Sequences in the running batch.", value=e.running)
         yield GaugeMetricFamily("dsk_max_batch_size", "Batch slots (--max-batch-size).", value=e.max_batch_size)
-        rss = getattr(e, "process_rss_bytes", None)  # an engine process's own memory
-        if rss is not None:
+        if e.process_rss_bytes is not None:  # an engine in its own process
             yield GaugeMetricFamily("dsk_engine_process_resident_memory_bytes",
-                                    "Resident memory of the engine process (--engine-process).", value=rss)
-        if hasattr(e, "cuda_memory"):  # an engine process: its last report
-            memory = e.cuda_memory()
-        elif getattr(e.device, "type", "cpu") == "cuda":
-            import torch
-
-            memory = (torch.cuda.memory_allocated(e.device), torch.cuda.max_memory_allocated(e.device))
-        else:
-            memory = None
+                                    "Resident memory of the engine process (--engine-process).", value=e.process_rss_bytes)
+        memory = e.cuda_memory()  # an engine process: its last report
         if memory is not None:
             yield GaugeMetricFamily("dsk_cuda_memory_allocated_bytes", "CUDA memory allocated by torch.",
                                     value=memory[0])
