@@ -501,7 +501,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Any:
-        failure = getattr(engine, "failure", None)  # an engine process that exited
+        failure = engine.failure if engine else None  # an engine process that exited
         body = {
             "status": "ok" if failure is None else "error",
             "model": config.model_name,

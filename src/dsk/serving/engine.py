@@ -256,6 +256,7 @@ class Engine:
         self.forward_seconds = 0.0  # inside the model's forward passes (prefill + decode)
         self.admitted_total = 0  # requests admitted into the running batch
         self.process_rss_bytes: int | None = None  # in this process: the process's own RSS metric covers it
+        self.failure: str | None = None  # why the engine is gone (an engine process that exited); never set here
         self.queue_wait_seconds = 0.0  # their summed time from submit to admission
         # hooks for an engine in its own process (dsk.serving.engine_process): called on the
         # engine thread for each admitted request, and after every step (to ship its events)
