@@ -103,10 +103,13 @@ class LoraLinear(nn.Linear):
         if dora:  # starts at the rows' norms, so a fresh DoRA adapter is the identity too
             self.lora_magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1).to(dt))
 
-    def _dora_weight(self) -> torch.Tensor:
-        w = self.weight + (self.lora_B @ self.lora_A) * self.scale
+    def _dora_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """m * (W + scale B A) / ||W + scale B A||_row, computed in ``dtype`` (default: the weights')."""
+        weight, a, b, m = (t if dtype is None else t.to(dtype)
+                           for t in (self.weight, self.lora_A, self.lora_B, self.lora_magnitude))
+        w = weight + (b @ a) * self.scale
         # the norm is a constant for the gradient, as in the paper (sec. 4.3): cheaper, same quality
-        return w * (self.lora_magnitude / w.norm(dim=1).detach()).unsqueeze(1)
+        return w * (m / w.norm(dim=1).detach()).unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapters_enabled:
@@ -120,8 +123,7 @@ class LoraLinear(nn.Linear):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         if hasattr(self, "lora_magnitude"):
-            w = self.weight.float() + (self.lora_B.float() @ self.lora_A.float()) * self.scale
-            return (w * (self.lora_magnitude.float() / w.norm(dim=1)).unsqueeze(1)).to(self.weight.dtype)
+            return self._dora_weight(torch.float32).to(self.weight.dtype)
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
         return (self.weight.float() + delta).to(self.weight.dtype)
 
