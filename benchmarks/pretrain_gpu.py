@@ -72,6 +72,11 @@ VARIANTS: dict[str, dict] = {
                                                 loss_kernel="onepass", inductor={"coordinate_descent_tuning": True}),
     "dense-b32-fused-bf16res-onepass-maxat": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                                   loss_kernel="onepass", compile_mode="max-autotune-no-cudagraphs"),
+    # session 6: the clip factor inside the fused AdamW kernel (what the trainer does now), CUDA graphs
+    "dense-b32-fused-bf16res-fold": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16", clip="fold"),
+    "dense-b32-fused-bf16res-fold-graphs": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
+                                                clip="fold", compile_mode="reduce-overhead"),
+    "dense-b64-fused-bf16res-fold": dict(model="dsk", preset="gpt2", batch=64, fused=True, residual="bf16", clip="fold"),
     "micro-ce4": dict(model="micro", batch=32, attention=False, whole_rows=False, round=4),
     "dense-b32-fused-bf16res-flash": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                           sdpa="flash"),
@@ -351,10 +356,16 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
         return e
 
     state = {"data": data, "optimizer": optimizer}  # balance_runs swaps them
+    clip_fold = v.get("clip") == "fold"
+    graphs = compile_ and v.get("compile_mode") == "reduce-overhead"
+    if clip_fold:
+        from dsk.train.optim import clip_and_step
 
     def step(i: int, marks: list | None = None, prof=None):
         rf = torch.profiler.record_function if prof is not None else (lambda _n: contextlib.nullcontext())
         data, optimizer = state["data"], state["optimizer"]
+        if graphs:  # CUDA graph trees: this step's outputs may overwrite the last step's
+            torch.compiler.cudagraph_mark_step_begin()
         x, y = data.get(i)
         m0 = event()
         with rf("forward"), autocast:
@@ -364,8 +375,11 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
             loss.backward()
         m2 = event()
         with rf("optimizer"):
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
+            if clip_fold:  # what `dsk pretrain` does (dsk.train.optim.clip_and_step)
+                clip_and_step(optimizer, params, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if moe:
                 for layer, load in model.update_router_bias().items():
@@ -389,8 +403,11 @@ def measure(name: str, v: dict, *, quick: bool, out_dir: Path) -> dict:
             torch.cuda.reset_peak_memory_stats()
         marks: list = []
         start = event()
+        host_start = time.perf_counter()
         for i in range(steps):
             loss = step(warmup + i, marks)
+        # the host's time to issue the steps: near step_ms means the GPU waited for Python
+        row["host_ms_per_step"] = round((time.perf_counter() - host_start) / steps * 1e3, 2)
         end = event()
         sync()
         elapsed = (start.elapsed_time(end) / 1e3) if device == "cuda" else end - start
@@ -1053,7 +1070,7 @@ def main() -> None:
         if "tokens_per_s" in row and cuda:
             row["mfu"] = row["flops_per_token"] * row["tokens_per_s"] / (meta["matmul_tflops"] * 1e12)
         rows.append(row)
-        brief = {k: row.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "peak_mem_gib", "expert_load_max_over_mean",
+        brief = {k: row.get(k) for k in ("tokens_per_s", "mfu", "step_ms", "host_ms_per_step", "peak_mem_gib", "expert_load_max_over_mean",
                                          "warmup_s", "error")}
         print(name, json.dumps(brief), flush=True)
         (out_dir / "pretrain_gpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -315,6 +315,37 @@ def test_muon_orthogonalises_and_keeps_head_and_router_on_adamw():
     assert not {"head.weight", "layers.1.ffn.gate.weight", "embed.weight"} & muon
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-adamw", "adamw"])
+@pytest.mark.parametrize("max_norm,grad_gain", [(1.0, 10.0), (1.0, 1e-3), (math.inf, 10.0)],
+                         ids=["clipped", "under-the-limit", "no-clip"])
+def test_clip_and_step_is_clip_grad_norm_then_step(fused, max_norm, grad_gain):
+    import copy
+
+    from dsk.train.optim import clip_and_step
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    ref = copy.deepcopy(ours)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-2, fused=fused)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=fused)
+    for _ in range(3):
+        x = torch.randn(5, 8)
+        for m in (ours, ref):
+            (m(x).square().sum() * grad_gain).backward()
+        norm = clip_and_step(opt_ours, list(ours.parameters()), max_norm)
+        ref_norm = torch.nn.utils.clip_grad_norm_(list(ref.parameters()), max_norm)
+        opt_ref.step()
+        opt_ours.zero_grad()
+        opt_ref.zero_grad()
+        assert torch.allclose(norm, ref_norm)
+    assert not hasattr(opt_ours, "grad_scale")  # the divisor does not leak into later steps
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # the clip really acted: a step with unclipped gradients lands elsewhere
+    if max_norm < math.inf and grad_gain > 1:
+        assert float(norm) > max_norm
+
+
 def test_lr_schedule_and_param_groups():
     from dsk.models import ModelConfig, Transformer
     from dsk.train import lr_at, param_groups

@@ -882,3 +882,14 @@ def test_overlapped_static_steps_give_the_same_tokens(model_dir):
     assert [c.token_ids for c in over] == [c.token_ids for c in sync]
     assert [c.text for c in over] == [c.text for c in sync]
     assert [len(c.token_ids) for c in over] == [3, 11, 7, 1, 9, 12]
+
+
+def test_engine_process_default_follows_the_device():
+    from dsk.serve.params import Params
+
+    assert Params(device="cuda").use_engine_process() is True
+    assert Params(device="cpu").use_engine_process() is False
+    assert Params(device="cuda", backend="onnx").use_engine_process() is False
+    assert Params(device="cuda", engine_process=False).use_engine_process() is False
+    assert Params(device="cpu", engine_process=True).use_engine_process() is True
+    assert Params(device="auto").use_engine_process() is torch.cuda.is_available()

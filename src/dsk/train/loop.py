@@ -32,7 +32,7 @@ from dsk.errors import DskError
 from dsk.models import Transformer
 from dsk.train import distributed
 from dsk.train.checkpoint import fingerprint, latest_checkpoint, load_checkpoint, save_checkpoint
-from dsk.train.optim import lr_at, make_optimizer
+from dsk.train.optim import clip_and_step, lr_at, make_optimizer
 
 log_default = logging.getLogger("dsk.train")
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
@@ -305,12 +305,17 @@ def train(
                     step_loss += logged.detach().float() / cfg.grad_accum
 
                 # 3c. unscale, clip, optimizer step (skipped by the scaler on fp16 overflow)
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
-                scaler.step(optimizer)
-                scaler.update()
-                skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                skipped = False
+                if scaler.is_enabled() or sharded:
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+                    scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    skipped = scaler.is_enabled() and scaler.get_scale() < scale_before
+                else:  # bf16/fp32, unsharded: the clip factor rides in the fused optimizer kernel
+                    grad_norm = clip_and_step(optimizer, trainable, max_norm)
                 optimizer.zero_grad(set_to_none=True)
 
                 # 3d. aux-loss-free balancing: nudge router biases toward equal expert load

@@ -161,6 +161,42 @@ def make_optimizer(
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
 
 
+def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global norm is at most ``max_norm`` (inf: no clipping), then
+    take the optimizer step; returns the norm before clipping (a device tensor, no host sync).
+
+    Same update as ``clip_grad_norm_`` + ``step()``. For fused Adam/AdamW the clip factor goes into the
+    optimizer kernel as its gradient divisor (the hook AMP's GradScaler uses) instead of a separate
+    pass that multiplies every gradient in place: the kernel reads each gradient once either way, so
+    this saves one read of all gradients (it writes the scaled ones back, as for GradScaler).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        optimizer.step()
+        return torch.zeros(())
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if not math.isfinite(max_norm):
+        optimizer.step()
+        return norm
+    if not _takes_grad_divisor(optimizer):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        optimizer.step()
+        return norm
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the kernel divides by its inverse
+    optimizer.grad_scale = ((norm.float() + 1e-6) / max_norm).clamp(min=1.0)  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale  # type: ignore[attr-defined]
+    return norm
+
+
+def _takes_grad_divisor(optimizer: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW: the kernels divide every gradient by ``optimizer.grad_scale`` if it is set."""
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
 def lr_at(step: int, *, base_lr: float, warmup: int, min_ratio: float, progress: float,
           decay: str = "cosine", cooldown: float = 1.0) -> float:
     """Linear warmup over ``warmup`` steps, then a cosine or linear decay to ``min_ratio * base_lr``.
