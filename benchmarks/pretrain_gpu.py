@@ -76,6 +76,8 @@ VARIANTS: dict[str, dict] = {
     "dense-b32-fused-bf16res-fold": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16", clip="fold"),
     "dense-b32-fused-bf16res-fold-graphs": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
                                                 clip="fold", compile_mode="reduce-overhead"),
+    "trainer-dense-b32-bf16res-graphs": dict(model="trainer", preset="gpt2", batch=32, residual="bf16",
+                                             compile_mode="reduce-overhead"),
     "dense-b64-fused-bf16res-fold": dict(model="dsk", preset="gpt2", batch=64, fused=True, residual="bf16", clip="fold"),
     "micro-ce4": dict(model="micro", batch=32, attention=False, whole_rows=False, round=4),
     "dense-b32-fused-bf16res-flash": dict(model="dsk", preset="gpt2", batch=32, fused=True, residual="bf16",
@@ -924,7 +926,8 @@ def measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir: 
     steps = 6 if quick else 40
     tcfg = TrainConfig(max_steps=steps, batch_size=batch, lr=6e-4, warmup_steps=5, precision="bf16", device=device,
                        compile=compile_, eval_every=0, log_every=steps // 4 if not quick else 2,
-                       checkpoint_every_minutes=0.0, bf16_residual=v.get("residual") == "bf16")
+                       checkpoint_every_minutes=0.0, bf16_residual=v.get("residual") == "bf16",
+                       cuda_graphs=compile_ and v.get("compile_mode") == "reduce-overhead")
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         result = train(model, data, tcfg, run_dir=Path(tmp))

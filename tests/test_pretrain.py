@@ -202,6 +202,8 @@ def test_no_tokens_artifact_is_an_error(cli, workspace):
         (dict(), ["--arch", "{n_heads: 5}"], "does not divide dim"),
         (dict(), ["--arch", "{n_layerz: 5}"], "unknown key 'n_layerz'"),
         (dict(), ["--context", "100000"], "context"),
+        (dict(), ["--cuda-graphs"], "--cuda-graphs needs --compile and one CUDA device (this run: compile off"),
+        (dict(), ["--compile", "--cuda-graphs", "--device", "cpu"], "(this run: compile on, 1 x cpu)"),
     ],
 )
 def test_bad_input_is_one_line_error_before_training(cli, workspace, make_kwargs, extra, message):
@@ -287,6 +289,8 @@ def test_repeat_fraction_changes_the_artifact_id_only_when_set():
     assert Params(repeat_fraction=0.25).model_dump(mode="json")["repeat_fraction"] == 0.25
     assert Params(**Params(repeat_fraction=0.25).model_dump(mode="json")).repeat_fraction == 0.25
     assert "repeat_fraction" in Params.model_fields and Params.model_fields["repeat_fraction"].description
+    assert "cuda_graphs" not in Params().model_dump(mode="json")
+    assert Params(cuda_graphs=True).model_dump(mode="json")["cuda_graphs"] is True
 
 
 def test_pretrain_with_repeat_fraction_gets_its_own_artifact(cli, workspace):

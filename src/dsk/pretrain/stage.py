@@ -40,6 +40,7 @@ def train_config(params: Params):
         min_lr_ratio=params.min_lr_ratio, warmup_steps=params.warmup_steps, schedule_clock=params.schedule_clock,
         weight_decay=params.weight_decay, beta1=params.beta1, beta2=params.beta2, grad_clip=params.grad_clip,
         optimizer=params.optimizer, muon_lr_scale=params.muon_lr_scale, precision=params.precision, device=params.device, compile=params.compile,
+        cuda_graphs=params.cuda_graphs,
         activation_checkpointing=params.activation_checkpointing, eval_every=params.eval_every,
         log_every=params.log_every, checkpoint_every=params.checkpoint_every,
         checkpoint_every_minutes=params.checkpoint_every_minutes, keep_checkpoints=params.keep_checkpoints,

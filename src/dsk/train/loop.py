@@ -60,6 +60,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | mps
     compile: bool = False
+    cuda_graphs: bool = False  # with compile on one CUDA device: torch.compile's "reduce-overhead" mode
     bf16_residual: bool = False  # with precision bf16: the residual stream in bf16 too (Transformer.residual_dtype)
     activation_checkpointing: bool = False
     eval_every: int = 200  # 0: only at the end
@@ -175,7 +176,12 @@ def train(
         model.residual_dtype = torch.bfloat16
     sharded = dinfo.enabled and cfg.strategy == "fsdp"
     wrapped = distributed.wrap(model, dinfo, strategy=cfg.strategy, comm_hook=cfg.comm_hook) if dinfo.enabled else model
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    if cfg.cuda_graphs and (not cfg.compile or kind != "cuda" or dinfo.enabled):
+        raise DskError("--cuda-graphs needs --compile and one CUDA device "
+                       f"(this run: compile {'on' if cfg.compile else 'off'}, {dinfo.world} x {kind}); drop --cuda-graphs")
+    # CUDA graphs replay each step's kernels without Python launching them one by one: 0.3 ms of a
+    # 62-ms GPT-2 step on an H100 (docs/performance.md)
+    forward = torch.compile(wrapped, mode="reduce-overhead" if cfg.cuda_graphs else None) if cfg.compile else wrapped
     optimizer = make_optimizer(
         model, name=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
         betas=(cfg.beta1, cfg.beta2), device=kind, muon_lr_scale=cfg.muon_lr_scale,
@@ -290,6 +296,8 @@ def train(
                 for micro in range(cfg.grad_accum):
                     x, y = data.batch(step, micro)
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if cfg.cuda_graphs:  # a new replay may reuse the last one's output memory
+                        torch.compiler.cudagraph_mark_step_begin()
                     # several ranks: all-reduce gradients only after the step's last micro-batch
                     with distributed.grad_sync(wrapped, micro == cfg.grad_accum - 1):
                         with autocast_context(device, cfg.precision):
