@@ -476,7 +476,8 @@ def main() -> int:
                     help="the server's torch CPU threads (1: on a shared 2-core machine OpenMP spin-waits "
                          "make 2 threads many times slower; 0 = torch's default)")
     ap.add_argument("--client-procs", type=int, default=0,
-                    help="load-generator processes (0: 1 on cpu, where cores are scarce; on cuda one per 8 clients)")
+                    help="load-generator processes (0: 1 on cpu, where cores are scarce; on cuda one per client up to 16, "
+                         "which keeps the batch full: docs/serve.md)")
     ap.add_argument("--compare-eager", action="store_true",
                     help="also measure the engine alone with the model's own forward (static steps off)")
     ap.add_argument("--out-dir", default=None, help="where the results go (default: benchmarks/results)")
@@ -526,7 +527,7 @@ def main() -> int:
                 for server in pair:
                     server.warm_up()
             for n in clients:
-                procs = args.client_procs or (1 if args.device == "cpu" else -(-n // 8))
+                procs = args.client_procs or (1 if args.device == "cpu" else min(n, 16))
                 for (batched, baseline), pair in zip(phases, servers):
                     if len(pairs) > 1:
                         print(f"  [{' '.join(pair[0].extra) or 'default'}]", flush=True)
