@@ -79,7 +79,7 @@ VARIANTS: dict[str, dict] = {
     # the trainer's last log interval starts from an empty launch queue (after the interval's loss read):
     # 30 steps per interval instead of 10 make that start a third as large a share
     "trainer-dense-b32-bf16res-graphs-long": dict(model="trainer", preset="gpt2", batch=32, residual="bf16",
-                                                  compile_mode="reduce-overhead", steps=70, log_every=30),
+                                                  compile_mode="reduce-overhead", steps=90, log_every=30),
     "trainer-dense-b32-bf16res-graphs": dict(model="trainer", preset="gpt2", batch=32, residual="bf16",
                                              compile_mode="reduce-overhead"),
     "dense-b64-fused-bf16res-fold": dict(model="dsk", preset="gpt2", batch=64, fused=True, residual="bf16", clip="fold"),
