@@ -42,7 +42,7 @@ class Params(StageParams):
     compile: bool = Field(False, description="torch.compile the model.")
     cuda_graphs: bool = Field(
         False, description="With --compile on one CUDA GPU: replay each step as CUDA graphs (torch.compile's "
-        "reduce-overhead mode), so Python does not launch the kernels one by one (~0.5% faster for GPT-2 124M on "
+        "reduce-overhead mode), so Python does not launch the kernels one by one (0.5–1% faster for GPT-2 124M on "
         "an H100, docs/performance.md); not with --nproc > 1.")
     bf16_residual: bool = Field(
         False, description="With --precision bf16: keep the residual stream in bf16 too (~6% faster on an H100; "
