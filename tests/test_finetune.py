@@ -199,7 +199,11 @@ def test_bad_lora_shape_options_are_one_line_errors(cli, workspace, base, tmp_pa
                            (["--lora-projections", "wq,wv"], "LoRA projection 'wv' is not in this model's attn"),
                            (["--lora-dora", "--lora-dropout", "0.1"], "DoRA adapters take no dropout"),
                            (["--lora-targets", "attn,experts", "--lora-projections", "wo"], "w1, w2 and w3 together"),
-                           (["--lora-plus-ratio", "0.5"], "lora_plus_ratio")]:
+                           (["--lora-plus-ratio", "0.5"], "lora_plus_ratio"),
+                           (["--method", "full", "--lora-rank", "4", "--lora-dora"],
+                            "--lora-rank, --lora-dora only apply to LoRA adapters, and --method full trains every weight"),
+                           (["--method", "dpo", "--dpo-train", "full", "--lora-plus-ratio", "4"],
+                            "--lora-plus-ratio only applies to LoRA adapters, and --method dpo --dpo-train full")]:
         code, _, err = cli("finetune", "--data", str(data), *args, *TINY)
         assert code == 2 and expected in err, err
         assert "Traceback" not in err

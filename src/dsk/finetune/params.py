@@ -104,5 +104,13 @@ class Params(StageParams):
         """Adapters on a frozen base: --method lora, or dpo with --dpo-train lora."""
         return self.method == "lora" or (self.method == "dpo" and self.dpo_train == "lora")
 
+    def unused_lora_options(self) -> list[str]:
+        """The ``--lora-*`` options set away from their defaults on a run that trains no adapters."""
+        if self.uses_lora:
+            return []
+        fields = type(self).model_fields
+        return ["--" + name.replace("_", "-") for name in fields if name.startswith("lora_")
+                and getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]

@@ -81,6 +81,12 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
     if not params.data:
         raise DskError("finetune needs training data: pass --data PATH to a JSONL file "
                        "(e.g. --data data/sample/tasks/train.jsonl; see `dsk finetune --show-template`)")
+    unused = params.unused_lora_options()
+    if unused:
+        raise DskError(f"{', '.join(unused)} only {'apply' if len(unused) > 1 else 'applies'} to LoRA adapters, "
+                       f"and --method {params.method}"
+                       f"{' --dpo-train full' if params.method == 'dpo' else ''} trains every weight; "
+                       f"drop {'them' if len(unused) > 1 else 'it'} or use --method lora")
     base = resolve_base(store, source, params.method)
     check_base(base)
     if params.method == "dpo" and base.stage != "finetune":
