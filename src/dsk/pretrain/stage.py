@@ -102,11 +102,20 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
 
 def _run_ranked(store: Store, params: Params, src: Artifact, inputs, *, seed, force, resume, dist_opts):
     """One rank under torchrun: rank 0 runs the stage; the others follow its broadcasts."""
-    import torch.distributed as dist
-
     from dsk.train import distributed, pick_device
 
     info = distributed.init(pick_device(params.device))
+    try:
+        return _follow_rank0(info, store, params, src, inputs, seed=seed, force=force, resume=resume,
+                             dist_opts=dist_opts)
+    finally:
+        # before the interpreter's teardown: a gloo group left to it can abort the process
+        # ("terminate called without an active exception") when its worker threads are destroyed
+        distributed.shutdown()
+
+
+def _follow_rank0(info, store: Store, params: Params, src: Artifact, inputs, *, seed, force, resume, dist_opts):
+    import torch.distributed as dist
 
     def broadcast(message: dict | None) -> dict:
         box = [message]

@@ -19,6 +19,7 @@ global batch of B sequences compute the same gradient as one process with B sequ
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import shutil
@@ -249,5 +250,10 @@ def full_model(model: nn.Module, info: DistInfo) -> nn.Module | None:
 
 
 def shutdown() -> None:
+    """Leave the process group while the interpreter is alive. A gloo group left to the interpreter's
+    teardown aborts the process now and then ("terminate called without an active exception": its
+    worker threads outlive it), and a DDP wrapper in a reference cycle keeps the group alive past
+    ``destroy_process_group`` unless it is collected first."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
