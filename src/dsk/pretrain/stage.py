@@ -105,13 +105,12 @@ def _run_ranked(store: Store, params: Params, src: Artifact, inputs, *, seed, fo
     from dsk.train import distributed, pick_device
 
     info = distributed.init(pick_device(params.device))
-    try:
-        return _follow_rank0(info, store, params, src, inputs, seed=seed, force=force, resume=resume,
-                             dist_opts=dist_opts)
-    finally:
-        # before the interpreter's teardown: a gloo group left to it can abort the process
-        # ("terminate called without an active exception") when its worker threads are destroyed
-        distributed.shutdown()
+    result = _follow_rank0(info, store, params, src, inputs, seed=seed, force=force, resume=resume,
+                           dist_opts=dist_opts)
+    # all ranks got here: leave the group before the interpreter's teardown (see shutdown). After a
+    # failure the others may be inside a collective, so a failing rank just exits and torchrun stops them.
+    distributed.shutdown()
+    return result
 
 
 def _follow_rank0(info, store: Store, params: Params, src: Artifact, inputs, *, seed, force, resume, dist_opts):
