@@ -11,18 +11,36 @@ from __future__ import annotations
 
 import typing
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from dsk.errors import DskError
 
 
 class StageParams(BaseModel):
-    """Base for every stage's parameter schema: unknown keys are errors, values are typed."""
+    """Base for every stage's parameter schema: unknown keys are errors, values are typed.
+
+    The dump is the artifact id's params. A field added after artifacts were made goes into
+    ``late_fields``: the dump leaves it out while it is at its default, so those ids stay valid.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    late_fields: ClassVar[tuple[str, ...]] = ()
+
+    def at_default(self, name: str) -> bool:
+        return getattr(self, name) == type(self).model_fields[name].get_default(call_default_factory=True)
+
+    def _drop_late_defaults(self, data: dict[str, Any]) -> dict[str, Any]:
+        for name in self.late_fields:
+            if self.at_default(name):
+                data.pop(name, None)
+        return data
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler):
+        return self._drop_late_defaults(handler(self))
 
 
 def parse_scalar(text: str) -> Any:

@@ -16,6 +16,8 @@ DEFAULT_LR = {"lora": 1e-2, "full": 2e-3, "dpo": 5e-4}
 
 
 class Params(StageParams):
+    late_fields = ("lora_projections", "lora_dora", "lora_plus_ratio")  # left out of the id at their defaults
+
     data: Optional[str] = Field(
         None,
         description="JSONL file: instructions ({messages: [...]} or {prompt, response}), or for --method dpo "
@@ -88,13 +90,9 @@ class Params(StageParams):
 
     @model_serializer(mode="wrap")
     def _stable_id(self, handler):
-        # the dump is the artifact id's params: fields added after artifacts were made are left out at
-        # their defaults so those ids stay valid; the LoRA default lr moved (5e-3 -> 1e-2), so a lora run
-        # on the default records the lr it uses and cannot hit an artifact trained at the old one
-        data = handler(self)
-        for key, default in (("lora_projections", []), ("lora_dora", False), ("lora_plus_ratio", 1.0)):
-            if data.get(key) == default:
-                data.pop(key)
+        # late fields as in StageParams; the LoRA default lr moved (5e-3 -> 1e-2), so a lora run on
+        # the default records the lr it uses and cannot hit an artifact trained at the old one
+        data = self._drop_late_defaults(handler(self))
         if self.lr is None and self.method == "lora":
             data["lr"] = DEFAULT_LR["lora"]
         return data
@@ -108,9 +106,8 @@ class Params(StageParams):
         """The ``--lora-*`` options set away from their defaults on a run that trains no adapters."""
         if self.uses_lora:
             return []
-        fields = type(self).model_fields
-        return ["--" + name.replace("_", "-") for name in fields if name.startswith("lora_")
-                and getattr(self, name) != fields[name].get_default(call_default_factory=True)]
+        return ["--" + name.replace("_", "-") for name in type(self).model_fields
+                if name.startswith("lora_") and not self.at_default(name)]
 
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]

@@ -100,6 +100,7 @@ class LoraLinear(nn.Linear):
         a.uniform_(-bound, bound, generator=generator)
         self.lora_A = nn.Parameter(a.to(dev, dt))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=dt))
+        self.dora = dora  # a plain attribute: forward() reads it on every call
         if dora:  # starts at the rows' norms, so a fresh DoRA adapter is the identity too
             self.lora_magnitude = nn.Parameter(base.weight.detach().float().norm(dim=1).to(dt))
 
@@ -114,7 +115,7 @@ class LoraLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapters_enabled:
             return F.linear(x, self.weight, self.bias)
-        if hasattr(self, "lora_magnitude"):  # add_lora refuses DoRA with dropout
+        if self.dora:  # add_lora refuses DoRA with dropout
             return F.linear(x, self._dora_weight(), self.bias)
         y = F.linear(x, self.weight, self.bias)
         h = F.dropout(x, self.dropout, self.training) if self.dropout else x
@@ -122,7 +123,7 @@ class LoraLinear(nn.Linear):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        if hasattr(self, "lora_magnitude"):
+        if self.dora:
             return self._dora_weight(torch.float32).to(self.weight.dtype)
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
         return (self.weight.float() + delta).to(self.weight.dtype)
@@ -254,13 +255,17 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
             ex: Experts = block.ffn.experts
             ex.__class__ = LoraExperts  # same parameters, same names; only expert() changes
             ex.scale, ex.dropout, ex.adapters_enabled = cfg.scale, cfg.dropout, True
-            for n in ("w1", "w2", "w3"):
+            for n in MLP_PROJECTIONS:
                 w = getattr(ex, n)
                 E, out_dim, in_dim = w.shape
                 a = torch.empty(E, cfg.rank, in_dim).uniform_(-1 / math.sqrt(in_dim), 1 / math.sqrt(in_dim), generator=gen)
                 ex.register_parameter(f"{n}_lora_A", nn.Parameter(a.to(w.device, w.dtype)))
                 ex.register_parameter(f"{n}_lora_B", nn.Parameter(torch.zeros(E, out_dim, cfg.rank, device=w.device, dtype=w.dtype)))
             adapted.append(f"layers.{i}.ffn.experts")
+    missing = [n for n in cfg.projections if n not in seen]
+    if missing and seen:
+        raise DskError(f"LoRA projection {missing[0]!r} is not in this model's {'/'.join(cfg.targets)} "
+                       f"(it has {', '.join(sorted(seen))})")
     if cfg.token_ids:
         bad_ids = [i for i in cfg.token_ids if not 0 <= i < model.embed.num_embeddings]
         if bad_ids:
@@ -269,10 +274,6 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> LoraConfig:
         model.embed = LoraEmbedding(model.embed, cfg.token_ids)
         model.head = LoraRowsLinear(model.head, cfg.token_ids, model.embed if tied else None)
         adapted += ["embed", "head"]
-    missing = [n for n in cfg.projections if n not in seen]
-    if missing and seen:
-        raise DskError(f"LoRA projection {missing[0]!r} is not in this model's {'/'.join(cfg.targets)} "
-                       f"(it has {', '.join(sorted(seen))})")
     # the chat-token rows alone do not count: 'experts' on a dense model adapts nothing of the targets
     if all(m in ("embed", "head") for m in adapted):
         raise DskError(f"LoRA targets {list(cfg.targets)}{' / projections ' + str(list(cfg.projections)) if cfg.projections else ''} match no module of this model (e.g. 'experts' on a dense model)")
@@ -327,7 +328,7 @@ def merge_lora(model: nn.Module) -> int:
                 plain.weight, plain.bias = child.weight, child.bias
                 setattr(parent, name, plain)
         if isinstance(parent, LoraExperts):
-            for n in ("w1", "w2", "w3"):
+            for n in MLP_PROJECTIONS:
                 w = getattr(parent, n)
                 a, b = getattr(parent, f"{n}_lora_A"), getattr(parent, f"{n}_lora_B")
                 w.copy_((w.float() + torch.bmm(b.float(), a.float()) * parent.scale).to(w.dtype))

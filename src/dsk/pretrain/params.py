@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_serializer
+from pydantic import Field
 
 from dsk.config import StageParams, TrainingFields
 from dsk.tabular.params import TableParams
@@ -13,6 +13,8 @@ Preset = Literal["tiny", "tiny-dense", "tiny-v3", "cpu", "cpu-moe", "small", "sm
 
 
 class Params(StageParams):
+    late_fields = ("repeat_fraction", "cuda_graphs")  # left out of the id at their defaults
+
     preset: Preset = Field("tiny", description="Model preset: tiny (tests), tiny-dense, cpu / cpu-moe (the 180-s CPU benchmark's shapes), small, base, gpt2 (GPT-2 124M's shape, dense), gpt2-moe (same active width, 32 experts); tiny-v3 / small-v3 match DeepSeek-V3 exactly (export to DeepseekV3ForCausalLM).")
     arch: dict[str, Any] = Field(
         default_factory=dict,
@@ -69,13 +71,3 @@ class Params(StageParams):
         description="Table classifier options, used when the input is a table or features artifact, e.g. "
         "'{epochs: 100, dim: 64}' (see docs/tables.md); the options above are for language models.",
     )
-
-    @model_serializer(mode="wrap")
-    def _omit_late_defaults(self, handler):
-        # added after artifacts were made: left out at their defaults so those artifact ids stay valid
-        data = handler(self)
-        if self.repeat_fraction == 0.0:
-            data.pop("repeat_fraction", None)
-        if not self.cuda_graphs:
-            data.pop("cuda_graphs", None)
-        return data
