@@ -161,6 +161,9 @@ def train(
     kind = pick_device(cfg.device)  # cuda | mps | cpu
     # under torchrun: join the group; each rank drives its own GPU (cuda:<local rank>)
     dinfo = distributed.init(kind)
+    if cfg.cuda_graphs and (not cfg.compile or kind != "cuda" or dinfo.enabled):
+        raise DskError("--cuda-graphs needs --compile and one CUDA device "
+                       f"(this run: compile {'on' if cfg.compile else 'off'}, {dinfo.world} x {kind}); drop --cuda-graphs")
     main = dinfo.is_main  # only rank 0 writes metrics, logs and full checkpoints
     if not main:
         console.set_mode(quiet=True)
@@ -176,9 +179,6 @@ def train(
         model.residual_dtype = torch.bfloat16
     sharded = dinfo.enabled and cfg.strategy == "fsdp"
     wrapped = distributed.wrap(model, dinfo, strategy=cfg.strategy, comm_hook=cfg.comm_hook) if dinfo.enabled else model
-    if cfg.cuda_graphs and (not cfg.compile or kind != "cuda" or dinfo.enabled):
-        raise DskError("--cuda-graphs needs --compile and one CUDA device "
-                       f"(this run: compile {'on' if cfg.compile else 'off'}, {dinfo.world} x {kind}); drop --cuda-graphs")
     # CUDA graphs replay each step's kernels without Python launching them one by one: 0.3 ms of a
     # 62-ms GPT-2 step on an H100 (docs/performance.md)
     forward = torch.compile(wrapped, mode="reduce-overhead" if cfg.cuda_graphs else None) if cfg.compile else wrapped

@@ -174,12 +174,12 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
     if not grads:
         optimizer.step()
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    norm = torch.nn.utils.get_total_norm(grads)  # foreach where the device has it (not MPS)
     if not math.isfinite(max_norm):
         optimizer.step()
         return norm
     if not _takes_grad_divisor(optimizer):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         optimizer.step()
         return norm
     # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); the kernel divides by its inverse
@@ -193,8 +193,8 @@ def clip_and_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], 
 
 def _takes_grad_divisor(optimizer: torch.optim.Optimizer) -> bool:
     """Fused Adam/AdamW: the kernels divide every gradient by ``optimizer.grad_scale`` if it is set."""
-    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and all(
-        g.get("fused") for g in optimizer.param_groups)
+    # AdamW subclasses Adam
+    return isinstance(optimizer, torch.optim.Adam) and all(g.get("fused") for g in optimizer.param_groups)
 
 
 def lr_at(step: int, *, base_lr: float, warmup: int, min_ratio: float, progress: float,
