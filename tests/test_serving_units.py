@@ -479,7 +479,8 @@ def test_engine_process_exits_when_a_step_message_cannot_be_built():
     from dsk.serving.engine_process import _STATS, EngineCore
 
     ours, theirs = socket.socketpair()
-    engine = SimpleNamespace(max_queue=0, on_admit=None, after_step=None, device=None, **{name: 0 for name in _STATS})
+    engine = SimpleNamespace(max_queue=0, max_batch_size=1, on_admit=None, after_step=None, device=None,
+                             cuda_memory=lambda: None, **{name: 0 for name in _STATS})
     core = EngineCore(engine, Connection(theirs.detach()))
     died = []
     core.die = lambda: died.append(True)

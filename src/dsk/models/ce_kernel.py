@@ -65,11 +65,8 @@ if triton is not None:
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 # EVICT: keep the row in L2 for sweep 2 (evict_last), stream sweep 2 and the gradient through it
-                if EVICT:
-                    x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"),
-                                eviction_policy="evict_last").to(tl.float32)
-                else:
-                    x = tl.load(x_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                x = tl.load(x_row + cols, mask=cols < V, other=float("-inf"),
+                            eviction_policy="evict_last" if EVICT else "").to(tl.float32)
                 # one exp per element: of the two factors exp(m - new) and exp(x - new), one is 1;
                 # lanes that have seen only padding (-inf) keep s = 0
                 m_new = tl.maximum(m, x)
@@ -101,15 +98,11 @@ if triton is not None:
             start = ((n_chunks - 1 - i) if REVERSE else i) * BLOCK
             cols = start + tl.arange(0, BLOCK)
             mask = cols < V
-            if EVICT:
-                x = tl.load(x_row + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            else:
-                x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(x_row + cols, mask=mask, other=0.0,
+                        eviction_policy="evict_first" if EVICT else "").to(tl.float32)
             g = (tl.exp(x - lse) - tl.where(cols == t, 1.0, 0.0)) * scale
-            if EVICT:
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
-            else:
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=mask,
+                     eviction_policy="evict_first" if EVICT else "")
 
     _ce_rows_kernel = triton.autotune(
         configs=[triton.Config({"BLOCK": b, "LANES": lanes, "REVERSE": rev, "EVICT": ev}, num_warps=w)
@@ -136,20 +129,15 @@ if triton is not None:
             for start in range(0, V, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < V
-                if EVICT:
-                    x = tl.load(x_row + cols, mask=mask, other=float("-inf"), eviction_policy="evict_first")
-                else:
-                    x = tl.load(x_row + cols, mask=mask, other=float("-inf"))
-                x = x.to(tl.float32)
+                x = tl.load(x_row + cols, mask=mask, other=float("-inf"),
+                            eviction_policy="evict_first" if EVICT else "").to(tl.float32)
                 e = tl.exp(x - x_t)
                 s += e
                 mx = tl.maximum(mx, x)
                 # the target's column is overwritten below, after a barrier (a mask per column here
                 # would break the 16-byte vector stores: measured 2x slower)
-                if EVICT:
-                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask, eviction_policy="evict_first")
-                else:
-                    tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask)
+                tl.store(p_row + cols, e.to(p_ptr.dtype.element_ty), mask=mask,
+                         eviction_policy="evict_first" if EVICT else "")
             shift = x_t
             total = tl.sum(s, 0)
             m = tl.max(mx, 0)

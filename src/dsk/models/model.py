@@ -471,33 +471,29 @@ class _HeadCrossEntropy(torch.autograd.Function):
         loss = h.new_zeros((), dtype=torch.float32)
         grad_h, grad_w = [], None
         kernel = triton_cross_entropy and ce_kernel.available(h)
+        onepass = kernel and cross_entropy_onepass and dtype != torch.float16
         inv_count = (1.0 / n_valid.float()).reshape(1)
         for start in range(0, h.shape[0], chunk_rows):
             hs, ts, valid = hc[start : start + chunk_rows], targets[start : start + chunk_rows], valid_all[start : start + chunk_rows]
-            if kernel and cross_entropy_onepass and dtype != torch.float16:
+            if onepass:
                 # d loss/d logits = r * p with r per row: r goes onto the GEMMs' N x D sides
                 rows, p, r = ce_kernel.cross_entropy_rows_onepass(hs @ wc.t(), ts, inv_count, ignore_index)
-                loss = loss + rows.sum()
-                grad_h.append(((p @ wc) * r[:, None]).to(dtype))
+                gh = ((p @ wc) * r[:, None]).to(dtype)
                 gw = (p.t() @ (hs * r[:, None]).to(dtype)).float()
-                grad_w = gw if grad_w is None else grad_w + gw
-                continue
-            if kernel:  # loss rows and d loss/d logits in one Triton kernel, no fp32 copy of the logits
-                rows, g = ce_kernel.cross_entropy_rows(hs @ wc.t(), ts, inv_count, ignore_index)
-                loss = loss + rows.sum()
-                grad_h.append(g @ wc)
-                gw = (g.t() @ hs).float()
-                grad_w = gw if grad_w is None else grad_w + gw
-                continue
-            logits = (hs @ wc.t()).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, torch.where(valid, ts, 0)[:, None]).squeeze(1)
-            loss = loss + torch.where(valid, lse - target_logit, 0.0).sum()
-            # d loss / d logits = (softmax - one_hot) / n_valid on scored rows, 0 on ignored ones
-            scale = valid.float() / n_valid
-            g = ((torch.exp(logits - lse[:, None]) - (cols == ts[:, None]).float()) * scale[:, None]).to(dtype)
-            grad_h.append(g @ wc)
-            gw = (g.t() @ hs).float()
+            else:
+                if kernel:  # loss rows and d loss/d logits in one Triton kernel, no fp32 copy of the logits
+                    rows, g = ce_kernel.cross_entropy_rows(hs @ wc.t(), ts, inv_count, ignore_index)
+                else:
+                    logits = (hs @ wc.t()).float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    target_logit = logits.gather(1, torch.where(valid, ts, 0)[:, None]).squeeze(1)
+                    rows = torch.where(valid, lse - target_logit, 0.0)
+                    # d loss / d logits = (softmax - one_hot) / n_valid on scored rows, 0 on ignored ones
+                    scale = valid.float() / n_valid
+                    g = ((torch.exp(logits - lse[:, None]) - (cols == ts[:, None]).float()) * scale[:, None]).to(dtype)
+                gh, gw = g @ wc, (g.t() @ hs).float()
+            loss = loss + rows.sum()
+            grad_h.append(gh)
             grad_w = gw if grad_w is None else grad_w + gw
         ctx.save_for_backward(torch.cat(grad_h), grad_w)
         ctx.dtypes = (h.dtype, weight.dtype)

@@ -35,18 +35,6 @@ class Params(StageParams):
                           "stay in the API process. The engine process exits with the server. Default: on for the "
                           "torch backend on CUDA (16 clients on an H100: 9.1x vs 7.8x the batch-1 server), off on CPU, "
                           "where cores are scarce (docs/serve.md).")
-
-    def use_engine_process(self) -> bool:
-        """``engine_process`` as set, or the default: torch on CUDA (device cuda, or auto with a GPU)."""
-        if self.engine_process is not None:
-            return self.engine_process
-        if self.backend != "torch" or self.device == "cpu":
-            return False
-        if self.device == "cuda":
-            return True
-        import torch
-
-        return torch.cuda.is_available()
     max_queue: int = Field(256, ge=0, description="Requests waiting for a batch slot (beyond the free ones) before new ones get 429.")
     request_timeout_s: float = Field(120.0, gt=0, description="A request running longer is ended (504).")
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 above).")
@@ -64,3 +52,14 @@ class Params(StageParams):
     smoke_test: bool = Field(
         False, description="Start on a free port, send one chat request, check the answer, stop (for pipelines)."
     )
+
+    def use_engine_process(self) -> bool:
+        """``engine_process`` as set, or the default: torch on CUDA (device cuda, or auto with a GPU)."""
+        if self.engine_process is not None:
+            return self.engine_process
+        if self.backend != "torch" or self.device == "cpu":
+            return False
+        from dsk.serving.loader import pick_device
+
+        # an explicit cuda is taken at its word here; loading the model checks that the GPU is there
+        return self.device == "cuda" or pick_device("auto") == "cuda"

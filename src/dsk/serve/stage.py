@@ -87,7 +87,7 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
     console.info(
         f"serving {art.stage} [bold]{art.id}[/bold] as {config.model_name!r} on "
         f"http://{params.host}:{params.port} (device {engine.device}, max batch {engine.max_batch_size}, "
-        f"{'engine process %d, ' % engine.pid if params.use_engine_process() else ''}"
+        f"{'engine process %d, ' % engine.pid if hasattr(engine, 'pid') else ''}"
         f"{'%d API key(s)' % len(keys) if keys else 'no API key'}); Ctrl-C stops"
     )
     serve_forever(app, params.host, params.port, log_level=params.log_level)

@@ -424,14 +424,12 @@ class Engine:
         if not admitted:
             return
         now = time.monotonic()
-        for req in admitted:
-            self.queue_wait_seconds += now - req.created
         self.admitted_total += len(admitted)
-        if self.on_admit is not None:
-            for req in admitted:
-                self.on_admit(req)
         new: list[Choice] = []
         for req in admitted:
+            self.queue_wait_seconds += now - req.created
+            if self.on_admit is not None:
+                self.on_admit(req)
             for i in range(req.n):
                 sampler = SequenceSampler(req.params, req.prompt_ids, self.vocab_size, seed_offset=i)
                 new.append(Choice(req, i, sampler, pos=len(req.prompt_ids)))

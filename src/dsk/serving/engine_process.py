@@ -65,9 +65,7 @@ def _dumps(msg: dict[str, Any]) -> bytes:
 
 def params_to_json(params: SamplingParams) -> dict[str, Any]:
     """A request's sampling settings as a JSON object (what :func:`params_from_json` reads back)."""
-    out = {name: getattr(params, name) for name in _PARAM_FIELDS}
-    out["stop"] = list(params.stop)
-    return out
+    return {name: getattr(params, name) for name in _PARAM_FIELDS}  # json writes the stop tuple as a list
 
 
 def params_from_json(raw: dict[str, Any]) -> SamplingParams:
@@ -146,7 +144,6 @@ class EngineProcess:
         self._waiting = 0
         self._running = 0
         self._latency_ema = 1.0
-        self._reader: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._gone_once = False
@@ -210,8 +207,7 @@ class EngineProcess:
             self._loop, self._loop_thread = loop, threading.get_ident()
             loop.add_reader(self._conn.fileno(), self._on_readable)
         else:
-            self._reader = threading.Thread(target=self._read, name="dsk-engine-reader", daemon=True)
-            self._reader.start()
+            threading.Thread(target=self._read, name="dsk-engine-reader", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -432,6 +428,7 @@ class EngineCore:
         self.events: list[list[Any]] = []
         self.admitted: list[int] = []
         self.requests: dict[int, Any] = {}
+        self._prune_at = 4 * engine.max_batch_size + 64
         self._memory_at = 0.0
         self._gone = False
 
@@ -474,10 +471,9 @@ class EngineCore:
         if now - self._memory_at > 0.5:  # memory twice a second, not every step
             self._memory_at = now
             msg["rss"] = _rss_bytes()
-            if getattr(e.device, "type", "cpu") == "cuda":
-                import torch
-
-                msg["cuda"] = [torch.cuda.memory_allocated(e.device), torch.cuda.max_memory_allocated(e.device)]
+            memory = e.cuda_memory()
+            if memory is not None:
+                msg["cuda"] = list(memory)
         self.send(msg)
 
     def submit(self, msg: dict[str, Any]) -> None:
@@ -492,8 +488,10 @@ class EngineCore:
             _Emit(self, rid)(Event("error", text=str(exc), code=code))
             self.flush()
             return
-        if len(self.requests) > 4 * self.engine.max_batch_size + 64:
+        if len(self.requests) > self._prune_at:
+            # finished requests leave the table in batches: the next sweep waits until it has doubled
             self.requests = {k: r for k, r in self.requests.items() if not r.done}
+            self._prune_at = max(2 * len(self.requests), 4 * self.engine.max_batch_size + 64)
         self.requests[rid] = req
 
     def run(self) -> int:

@@ -5,9 +5,9 @@ launched from Python, plus the host syncs hidden in the model's code (``int(posi
 per layer, the MoE loop's per-expert counts). :class:`StaticRunner` rewrites one serving step so
 that it has fixed shapes and never reads a device value on the host:
 
-- attention reads the whole preallocated cache (``max_len`` positions) under a per-row mask
-  instead of slicing it to the batch's longest row (MLA in the absorbed form,
-  ``dsk.serving.fast_mla``);
+- attention reads a fixed span of the preallocated cache (a bucket at or above the longest
+  running row, see below) under a per-row mask instead of slicing it to that row's exact length
+  (MLA in the absorbed form, ``dsk.serving.fast_mla``);
 - MoE layers run every routed expert on every token as two wide matmuls, weighted by the
   router's (mostly zero) dense weights, instead of sorting tokens by expert: on a GPU the
   extra FLOPs are free at serving batch sizes, and the shapes no longer depend on the routing;
@@ -25,8 +25,8 @@ prompt-width bucket) the first time it is needed; a step is then a few small cop
 replay and one read of the new tokens (the step's only host sync). Each row's last sampled token
 stays on the device as the next step's input (``next_tok``), so :meth:`StaticRunner.launch_decode`
 can launch a step before the host has read the previous one's tokens, which come back later
-through a ring of pinned host buffers and an event per slot. On the CPU the same functions run eagerly (the tests check them against the model's own
-forward there).
+through a ring of pinned host buffers and an event per slot. On the CPU the same functions run
+eagerly (the tests check them against the model's own forward there).
 
     >>> runner = StaticRunner(model, cache, sampling, max_batch_size=16)   # cache has 17 rows
     >>> runner.prefill(0, [[5, 6, 7]])     # -> [next token]
@@ -57,9 +57,9 @@ SAMPLING_MODES = {"greedy": dict(cut=False, penalties=False, sampled=False),
                   "full": dict(cut=True, penalties=True, sampled=True)}
 
 
-def buckets(limit: int) -> list[int]:
-    """1, 2, 4, ... below ``limit``, and ``limit`` itself."""
-    out, b = [], 1
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """start, 2 start, 4 start, ... below ``limit``, and ``limit`` itself."""
+    out, b = [], start
     while b < limit:
         out.append(b)
         b *= 2
@@ -68,15 +68,6 @@ def buckets(limit: int) -> list[int]:
 
 def bucket_for(n: int, sizes: list[int]) -> int:
     return next(b for b in sizes if b >= n)
-
-
-def kv_buckets(max_len: int) -> list[int]:
-    """A decode step's attention spans: 64, 128, 256, ... below ``max_len``, and ``max_len``."""
-    out, n = [], KV_MIN
-    while n < max_len:
-        out.append(n)
-        n *= 2
-    return out + [max_len]
 
 
 def sampling_mode(needs: dict[str, bool]) -> str:
@@ -125,7 +116,7 @@ class StaticRunner:
         self.max_len = cache.max_len
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         self.decode_sizes = buckets(max_batch_size)
-        self.kv_sizes = kv_buckets(self.max_len)
+        self.kv_sizes = buckets(self.max_len, KV_MIN)  # a decode step's attention spans
         dev = self.device
         self.keys = torch.arange(self.max_len, device=dev)
         self.row_ids = torch.arange(max_batch_size + 1, device=dev)
