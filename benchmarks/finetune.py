@@ -69,17 +69,16 @@ def task_of(prompt: str) -> str:
 def score_heldout(path, heldout) -> dict:
     """Greedy exact match of the model at ``path`` on the held-out tasks, overall and per task."""
     from dsk.data.tokenizer import load_tokenizer
-    from dsk.evaluation.tasks import generate_answers
+    from dsk.evaluation.tasks import exact_match, is_exact
     from dsk.models import load_model
 
     model, _, _ = load_model(path)
     tok = load_tokenizer(path)
-    preds = generate_answers(model, tok, [r.prompt_messages for r in heldout], max_new_tokens=24)
+    score, preds = exact_match(model, tok, heldout, max_new_tokens=24)
     per_task: dict[str, list[int]] = defaultdict(list)
     for p, r in zip(preds, heldout):
-        per_task[task_of(r.prompt_messages[-1]["content"])].append(int(p.strip() == r.answer.strip()))
-    hits = [h for v in per_task.values() for h in v]
-    return {"exact_match": sum(hits) / len(hits),
+        per_task[task_of(r.prompt_messages[-1]["content"])].append(int(is_exact(p, r.answer)))
+    return {"exact_match": score,
             "per_task": {k: round(sum(v) / len(v), 3) for k, v in sorted(per_task.items())},
             "examples": [{"prompt": r.prompt_messages[-1]["content"], "answer": r.answer, "predicted": p}
                          for p, r in list(zip(preds, heldout))[:6]]}

@@ -64,7 +64,7 @@ def sft_params(config: dict, *, sft_steps: int, threads: int):
                            checkpoint_every_minutes=0, **config)
 
 
-def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) -> dict:
+def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int, seed: int = 0) -> dict:
     """SFT with config["sft"], then DPO with the rest of config: held-out preference accuracy before/after."""
     from dsk import finetune
     from dsk.data.tokenizer import load_tokenizer
@@ -73,8 +73,10 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) 
     from dsk.models import load_model
 
     config = dict(config)
+    config.pop("seed", None)
     sft_cfg = config.pop("sft")
-    sft = finetune.run(source=base_id, params=sft_params(sft_cfg, sft_steps=sft_steps, threads=threads), store=store).artifact
+    sft = finetune.run(source=base_id, params=sft_params(sft_cfg, sft_steps=sft_steps, threads=threads), store=store,
+                       seed=seed).artifact
     tok = load_tokenizer(sft.path)
     records, _ = fdata.read_jsonl(TASKS / "preferences_heldout.jsonl", kind="preference", bad_lines="fail")
     pairs = fdata.encode_preferences(records, tok, context=128, path=TASKS, bad_lines="fail", rejects=[])
@@ -84,7 +86,7 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int) 
     t = time.perf_counter()
     dpo = finetune.run(source=sft.id, params=finetune.Params(
         data=str((TASKS / "preferences.jsonl").relative_to(ROOT)), batch_size=8, eval_examples=0, threads=threads,
-        checkpoint_every_minutes=0, **config), store=store).artifact
+        checkpoint_every_minutes=0, **config), store=store, seed=seed).artifact
     seconds = time.perf_counter() - t
     heldout, _ = fdata.read_jsonl(TASKS / "heldout.jsonl", kind="instruction", bad_lines="fail")
     return {"config": {**config, "sft": sft_cfg}, "base": base_id, "sft_steps": sft_steps,
@@ -108,9 +110,9 @@ def run_one(config: dict, *, workspace: Path, base_id: str, sft_steps: int, thre
 
     torch.set_num_threads(threads)
     store = Store.open()
-    if config.get("method") == "dpo":
-        return run_dpo(config, store=store, base_id=base_id, sft_steps=sft_steps, threads=threads)
     seed = int(config.get("seed", 0))  # the run's seed (data split, batch order, adapter init), not a param
+    if config.get("method") == "dpo":
+        return run_dpo(config, store=store, base_id=base_id, sft_steps=sft_steps, threads=threads, seed=seed)
     params = sft_params({k: v for k, v in config.items() if k != "seed"}, sft_steps=sft_steps, threads=threads)
     t = time.perf_counter()
     art = finetune.run(source=base_id, params=params, store=store, seed=seed).artifact

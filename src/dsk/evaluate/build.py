@@ -72,7 +72,7 @@ def _build_lm(ctx: StageContext, art: Artifact) -> None:
 
     if p.tasks and p.task_examples and art.kind == "model":
         from dsk.data.chat import read_jsonl
-        from dsk.evaluation.tasks import exact_match
+        from dsk.evaluation.tasks import exact_match, is_exact
         from dsk.models import load_model
 
         records, _ = read_jsonl(Path(p.tasks), kind="instruction", bad_lines="skip")
@@ -83,7 +83,7 @@ def _build_lm(ctx: StageContext, art: Artifact) -> None:
         metrics["exact_match_examples"] = len(records)
         (ctx.out / "task_predictions.jsonl").write_text("".join(
             json.dumps({"prompt": r.prompt_messages[-1]["content"], "answer": r.answer, "prediction": pr,
-                        "correct": pr.strip() == r.answer.strip()}, ensure_ascii=False) + "\n"
+                        "correct": is_exact(pr, r.answer)}, ensure_ascii=False) + "\n"
             for r, pr in zip(records, preds)))
         ctx.log.info(f"exact match on {len(records)} held-out tasks: {accuracy:.3f}")
     ctx.kind = "eval"

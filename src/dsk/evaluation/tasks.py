@@ -53,12 +53,17 @@ def generate_answers(model, tok: Tokenizer, prompts: Sequence[list[dict]], *, ma
     return answers
 
 
+def is_exact(prediction: str, answer: str) -> bool:
+    """The exact-match rule: equal once surrounding whitespace is trimmed."""
+    return prediction.strip() == answer.strip()
+
+
 def exact_match(model, tok: Tokenizer, records: Sequence[Record], *, max_new_tokens: int) -> tuple[float, list[str]]:
     """Share of records whose greedy answer equals the reference answer (whitespace-trimmed)."""
     if not records:
         return float("nan"), []
     preds = generate_answers(model, tok, [r.prompt_messages for r in records], max_new_tokens=max_new_tokens)
-    hits = sum(p.strip() == r.answer.strip() for p, r in zip(preds, records))
+    hits = sum(is_exact(p, r.answer) for p, r in zip(preds, records))
     return hits / len(records), preds
 
 

@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from dsk import console
-from dsk.artifacts import Artifact, Store, hash_raw_input
+from dsk.artifacts import Artifact, RawInput, Store, hash_raw_input
 from dsk.errors import DskError
 from dsk.finetune.params import Params
 from dsk.runtime import StageContext, resolve_inputs, run_stage
@@ -96,7 +96,7 @@ def run(*, source=None, params: Params, seed: int = 0, force: bool = False, stor
         raise DskError(f"--data {params.data!r} is a directory; pass one JSONL file")
 
     def build(ctx: StageContext) -> None:
-        _build(ctx, params, base, data.path, resume=resume)
+        _build(ctx, params, base, data, resume=resume)
 
     return run_stage(stage="finetune", params=params, inputs=[base], extra_inputs=[data], build=build, seed=seed,
                      force=force, store=store, kind="model", stage_version=STAGE_VERSION)
@@ -120,7 +120,7 @@ def run_dir_for(store: Store, artifact_id: str) -> Path:
     return store.root / "runs" / "finetune" / artifact_id
 
 
-def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *, resume: bool) -> None:
+def _build(ctx: StageContext, params: Params, base: Artifact, raw: RawInput, *, resume: bool) -> None:
     import copy
 
     import torch
@@ -135,6 +135,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     from dsk.train import latest_checkpoint, train
     from dsk.train.plots import plot_curves
 
+    data_path = raw.path
     # ---- 1. base model and tokenizer (adapters of an earlier finetune are folded in)
     model, _, cfg = load_model(base.path)
     tok = load_tokenizer(base.path)
@@ -222,7 +223,7 @@ def _build(ctx: StageContext, params: Params, base: Artifact, data_path: Path, *
     try:
         result = train(
             model, data, train_config(params), run_dir=run_dir, resume_from=resume_from, log=ctx.log, loss_fn=loss_fn,
-            run_fingerprint={"base": base.id, "data": hash_raw_input(data_path).sha256, "seed": ctx.seed,
+            run_fingerprint={"base": base.id, "data": raw.sha256, "seed": ctx.seed,
                              "params": params.model_dump(mode="json")},
         )
     finally:
