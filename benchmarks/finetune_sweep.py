@@ -89,7 +89,7 @@ def run_dpo(config: dict, *, store, base_id: str, sft_steps: int, threads: int, 
         checkpoint_every_minutes=0, **config), store=store, seed=seed).artifact
     seconds = time.perf_counter() - t
     heldout, _ = fdata.read_jsonl(TASKS / "heldout.jsonl", kind="instruction", bad_lines="fail")
-    return {"config": {**config, "sft": sft_cfg}, "base": base_id, "sft_steps": sft_steps,
+    return {"config": {**config, "sft": sft_cfg, **({"seed": seed} if seed else {})}, "base": base_id, "sft_steps": sft_steps,
             "pref_acc_before": before, "pref_acc_after": preference_accuracy(load_model(dpo.path)[0], pairs, pad_id=pad),
             "reward_margin": dpo.metrics.get("reward_margin"), "reward_acc": dpo.metrics.get("reward_acc"),
             "exact_match_sft": score_heldout(sft.path, heldout)["exact_match"],
