@@ -938,10 +938,11 @@ def measure_trainer(v, batch, context, vocab, device, quick, compile_, out_dir: 
         result = train(model, data, tcfg, run_dir=Path(tmp))
         wall = time.perf_counter() - t0
         timing = [json.loads(line) for line in (Path(tmp) / "timing.jsonl").read_text().splitlines()]
-    last = [t for t in timing if t["split"] == "train"][-1]
+    train_rows = [t for t in timing if t["split"] == "train"]
+    last = train_rows[-1]
     flops_per_token = 6 * n_params + 12 * cfg.n_layers * cfg.dim * context
     return {"matmul_params": n_params, "flops_per_token": flops_per_token, "tokens_per_s": round(last["tokens_per_s"]),
-            "interval_tokens_per_s": [round(t["tokens_per_s"]) for t in timing if t["split"] == "train"],
+            "interval_tokens_per_s": [round(t["tokens_per_s"]) for t in train_rows],
             "model_tflops": round(flops_per_token * last["tokens_per_s"] / 1e12, 1), "wall_s": round(wall, 1),
             "loss_end": result.val_loss}
 
